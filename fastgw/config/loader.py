@@ -1,0 +1,891 @@
+"""Load, include and validate TOML configuration into frozen config objects.
+
+Strategy: read the root file, then each file it includes (depth first, an included file's
+content counts as if pasted where its ``include`` line stands, i.e. before the including
+file's own tables). Every file is checked on its own against the schema below; what one
+file cannot see (a route naming a backend from another file, a name used twice across
+files) is checked once all files are in. Nothing stops at the first problem: each one is
+collected as ``(file, key path, message)`` and all of them are raised together in one
+``ConfigError``, so an operator fixes a file in one pass.
+
+Schema (one file; ``gateway`` and ``limits`` only in the root file)::
+
+    include = ["routes.toml"]        # relative to this file; nested includes allowed
+    [gateway]    via = "1.1 fastgw" | false, xff_append = true, drain_timeout_s = 10
+    [limits]     every field of model.Limits, same names
+    [[listeners]] name, address = "127.0.0.1:8080" | "[::1]:8080", tls_cert_file,
+                 tls_key_file, client_ca_file, client_cert = "none"|"optional"|"required"
+    [backends.NAME] endpoints = ["https://host/prefix", ...], ca_file, client_cert_file,
+                 client_key_file, server_name, connect_timeout_s, first_byte_timeout_s,
+                 total_timeout_s, pool_max_size, pool_idle_timeout_s
+    [[routes]]   name, path_prefix = "/", backend = "NAME", strip_prefix = false
+
+File paths (certificates, keys, CAs, includes) are relative to the file that names them
+(to the current directory for ``config_from_dict``); the objects hold absolute paths.
+Certificate, key and CA files are loaded into a throwaway ``ssl.SSLContext`` so a bad PEM
+or a key that does not match its certificate is a config problem, not a failed start.
+A file included twice (a diamond, not a cycle) is read once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import os
+import re
+import ssl
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from fastgw.config.model import (
+    BackendConfig,
+    Endpoint,
+    GatewayConfig,
+    Limits,
+    ListenerConfig,
+    RouteConfig,
+)
+from fastgw.errors import ConfigError
+
+__all__ = ["config_from_dict", "load_config", "parse_address", "parse_endpoint"]
+
+Problem = tuple[str, str, str]
+
+# --- the schema, as data -------------------------------------------------------------
+
+_ROOT_KEYS = ("include", "gateway", "limits", "listeners", "backends", "routes")
+_INCLUDED_KEYS = ("include", "listeners", "backends", "routes")
+_GATEWAY_KEYS = ("via", "xff_append", "drain_timeout_s")
+_LISTENER_KEYS = (
+    "name",
+    "address",
+    "tls_cert_file",
+    "tls_key_file",
+    "client_ca_file",
+    "client_cert",
+)
+_BACKEND_KEYS = (
+    "endpoints",
+    "ca_file",
+    "client_cert_file",
+    "client_key_file",
+    "server_name",
+    "connect_timeout_s",
+    "first_byte_timeout_s",
+    "total_timeout_s",
+    "pool_max_size",
+    "pool_idle_timeout_s",
+)
+_ROUTE_KEYS = ("name", "path_prefix", "backend", "strip_prefix")
+_CLIENT_CERT_MODES = ("none", "optional", "required")
+
+# Numeric fields: (kind, lowest allowed value, whether that value itself is allowed).
+# Limits are read off the model so a new field there is configurable under the same name;
+# only the exceptions to "must be > 0" are listed.
+_NumberRule = tuple[str, float, bool]
+_LIMITS_ZERO_OK = frozenset({"max_body_bytes"})  # 0 means "no limit" (see model.Limits)
+_LIMIT_RULES: dict[str, _NumberRule] = {
+    f.name: (str(f.type), 0, f.name in _LIMITS_ZERO_OK) for f in dataclasses.fields(Limits)
+}
+assert all(kind in ("int", "float") for kind, _, _ in _LIMIT_RULES.values()), _LIMIT_RULES
+_BACKEND_RULES: dict[str, _NumberRule] = {
+    "connect_timeout_s": ("float", 0, False),
+    "first_byte_timeout_s": ("float", 0, False),
+    "total_timeout_s": ("float", 0, False),
+    "pool_max_size": ("int", 0, False),
+    "pool_idle_timeout_s": ("float", 0, False),
+}
+# 0 s drain is allowed: stop at once on SIGTERM.
+_DRAIN_RULE: _NumberRule = ("float", 0, True)
+
+# Names appear in metrics labels, logs and key paths: keep them plain.
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+# RFC 1123 host names: dot-separated labels of letters, digits and inner hyphens.
+_LABEL = r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)"
+_HOSTNAME_RE = re.compile(rf"{_LABEL}(\.{_LABEL})*\Z")
+_DOTTED_DIGITS_RE = re.compile(r"[0-9.]+\Z")
+_TOML_POS_RE = re.compile(
+    r"^(?P<msg>.*) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$", re.S
+)
+_PATH_PREFIX_BAD_RE = re.compile(r"[\x00-\x20\x7f?#]")
+# A Via value is a header field value: visible ASCII and spaces (RFC 9110 5.5, 7.6.3).
+_FIELD_VALUE_RE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?\Z")
+
+
+# --- public entry points -------------------------------------------------------------
+
+
+def load_config(path: str | os.PathLike[str]) -> GatewayConfig:
+    """Read the TOML file at ``path`` and the files it includes into a GatewayConfig.
+
+    Raises ConfigError with every problem found (never only the first). Any other
+    exception escaping is a bug.
+    """
+    display = os.fspath(path)
+    builder = _Builder()
+    data = builder.read_toml(display, display, "")
+    if data is not None:
+        builder.enter_root(display)
+        builder.add_file(display, os.path.dirname(os.path.abspath(display)), data, root=True)
+    return builder.finish(os.path.abspath(display))
+
+
+def config_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> GatewayConfig:
+    """Validate a dict shaped like the TOML schema (for programs that embed fastgw).
+
+    Relative file paths, includes among them, resolve against the current directory.
+    ``source`` names the dict in messages. Raises ConfigError like ``load_config``.
+    """
+    builder = _Builder()
+    if isinstance(data, Mapping):
+        builder.add_file(source, os.getcwd(), dict(data), root=True)
+    else:
+        builder.problem(source, "", f"expected a table (dict), got {_type_name(data)}")
+    return builder.finish(source)
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"`` / ``"[::1]:0"`` / ``"localhost:80"`` -> (host, port).
+
+    IPv6 hosts come back without brackets. Raises ValueError saying what is wrong.
+    """
+    if text.startswith("["):
+        m = re.fullmatch(r"\[([^\]]*)\]:([^:]*)", text)
+        if m is None:
+            raise ValueError(f"{_q(text)} is not [IPV6]:PORT, e.g. [::1]:8080")
+        host, port_text = m.group(1), m.group(2)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_q(host)} is not an IPv6 address") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ValueError(f"{_q(text)} has no port; expected HOST:PORT, e.g. 127.0.0.1:8080")
+        if ":" in host:
+            raise ValueError(f"IPv6 addresses need brackets, e.g. [{host}]:{port_text}")
+        if not host:
+            raise ValueError("missing host; use 0.0.0.0 or [::] to listen on all addresses")
+        _check_host(host)
+    if not port_text.isdigit() or not port_text.isascii():
+        raise ValueError(f"port {_q(port_text)} is not a number")
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range 0-65535")
+    return host, port
+
+
+def parse_endpoint(url: str) -> Endpoint:
+    """``"https://fn.example.com/prefix"`` -> Endpoint. Raises ValueError saying why not."""
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
+        raise ValueError("URL contains whitespace or control characters")
+    try:
+        parts = urlsplit(url)
+    except ValueError as e:
+        raise ValueError(f"not a valid URL: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        got = _q(parts.scheme) if parts.scheme else "none"
+        raise ValueError(f"URL scheme must be http or https, got {got}")
+    if "@" in parts.netloc:
+        raise ValueError(
+            "URL must not contain user info (user:password@); "
+            "upstream credentials are configured apart from the URL"
+        )
+    if "?" in url:
+        raise ValueError("URL must not have a query (?...)")
+    if "#" in url:
+        raise ValueError("URL must not have a fragment (#...)")
+    host = parts.hostname
+    if not host:
+        raise ValueError("URL has no host")
+    if parts.netloc.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{_q(host)} is not an IPv6 address") from None
+    else:
+        _check_host(host)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("URL port is not a number in 1-65535") from None
+    if port is None:
+        port = 443 if scheme == "https" else 80
+    elif port == 0:
+        raise ValueError("URL port must be 1-65535, got 0")
+    return Endpoint(
+        url=url,
+        scheme=scheme,
+        host=host,
+        port=port,
+        path_prefix=parts.path.rstrip("/"),
+    )
+
+
+def _check_host(host: str) -> None:
+    if _DOTTED_DIGITS_RE.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"{_q(host)} is not an IPv4 address") from None
+    elif len(host) > 253 or not _HOSTNAME_RE.match(host):
+        raise ValueError(f"{_q(host)} is not a valid host name")
+
+
+# --- the builder ---------------------------------------------------------------------
+
+
+@dataclass
+class _Named:
+    """A listener, backend or route as read, kept for the cross-file checks even when
+    the object itself could not be built (so one bad route does not cascade)."""
+
+    name: str | None
+    file: str
+    path: str
+    obj: Any  # ListenerConfig | BackendConfig | RouteConfig | None when invalid
+    backend: str | None = None  # routes: the backend named, checked even if the route is bad
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+        self.gateway: dict[str, Any] = {}
+        self.limits = Limits()
+        self.listeners: list[_Named] = []
+        self.backends: list[_Named] = []
+        self.routes: list[_Named] = []
+        self._seen_files: set[str] = set()  # realpaths of files read
+        self._stack: list[tuple[str, str]] = []  # (realpath, display) of files being read
+        self.root: str | None = None  # the root file's name, once it was read
+        self.unread = False  # some included file could not be read or parsed
+
+    def enter_root(self, display: str) -> None:
+        """Make the root file the bottom of the include stack, for cycle detection."""
+        real = os.path.realpath(display)
+        self._stack.append((real, display))
+        self._seen_files.add(real)
+
+    def problem(self, file: str, path: str, message: str) -> None:
+        self.problems.append((file, path, message))
+
+    # -- files and includes --
+
+    def read_toml(
+        self, display: str, fs_path: str, where: str, by: str = ""
+    ) -> dict[str, Any] | None:
+        data = self._read_toml(display, fs_path, where, by)
+        if data is None:
+            self.unread = True
+        return data
+
+    def _read_toml(self, display: str, fs_path: str, where: str, by: str) -> dict[str, Any] | None:
+        """Parse one file; report a problem and return None if that is not possible.
+        ``by``/``where`` name the including file and key, for unreadable includes."""
+        try:
+            with open(fs_path, "rb") as f:
+                raw = f.read()
+        except OSError as e:
+            reason = e.strerror or str(e)
+            if by:
+                self.problem(by, where, f"cannot read included file {display}: {reason}")
+            else:
+                self.problem(display, "", f"cannot read config file: {reason}")
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            line = raw[: e.start].count(b"\n") + 1
+            self.problem(display, f"line {line}", "invalid TOML: file is not valid UTF-8")
+            return None
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            m = _TOML_POS_RE.match(str(e))
+            if m is None:
+                self.problem(display, "", f"invalid TOML: {e}")
+            elif m.group("line"):
+                pos = f"line {m.group('line')}, column {m.group('col')}"
+                self.problem(display, pos, f"invalid TOML: {m.group('msg')}")
+            else:
+                self.problem(display, "end of file", f"invalid TOML: {m.group('msg')}")
+            return None
+        return data
+
+    def add_file(self, file: str, base_dir: str, data: dict[str, Any], *, root: bool) -> None:
+        known = _ROOT_KEYS if root else _INCLUDED_KEYS
+        if root:
+            self.root = file
+        for key in data:
+            if key not in known:
+                if not root and key in _ROOT_KEYS:
+                    self.problem(file, key, f"[{key}] is only allowed in the main config file")
+                else:
+                    self.problem(file, _key(key), _unknown_key(key, known))
+        if "include" in data:
+            self._includes(file, base_dir, data["include"])
+        if root:
+            gateway = _table(self, file, "gateway", data.get("gateway", {}))
+            if gateway is not None:
+                self._gateway(file, base_dir, gateway)
+            limits = _table(self, file, "limits", data.get("limits", {}))
+            if limits is not None:
+                self._limits(file, limits)
+        listeners = _array_of_tables(self, file, "listeners", data.get("listeners", []))
+        for i, item in enumerate(listeners):
+            if item is not None:
+                self._listener(file, base_dir, f"listeners[{i}]", item)
+        backends = _table(self, file, "backends", data.get("backends", {}))
+        for name, item in (backends or {}).items():
+            path = f"backends.{_key(name)}"
+            table = _table(self, file, path, item)
+            if table is not None:
+                self._backend(file, base_dir, path, name, table)
+            else:
+                self.backends.append(_Named(name, file, path, None))
+        routes = _array_of_tables(self, file, "routes", data.get("routes", []))
+        for i, item in enumerate(routes):
+            if item is not None:
+                self._route(file, f"routes[{i}]", item)
+
+    def _includes(self, file: str, base_dir: str, value: Any) -> None:
+        if not isinstance(value, list):
+            self.problem(file, "include", f"expected array of file names, got {_type_name(value)}")
+            return
+        for i, name in enumerate(value):
+            where = f"include[{i}]"
+            if not isinstance(name, str):
+                self.problem(file, where, f"expected string (a file name), got {_type_name(name)}")
+                continue
+            if not name:
+                self.problem(file, where, "must not be empty")
+                continue
+            fs_path = os.path.join(base_dir, name)
+            display = os.path.normpath(os.path.join(os.path.dirname(file), name))
+            real = os.path.realpath(fs_path)
+            chain = [d for r, d in self._stack]
+            if any(r == real for r, _ in self._stack):
+                start = next(i for i, (r, _) in enumerate(self._stack) if r == real)
+                cycle = " -> ".join([*chain[start:], display])
+                self.problem(file, where, f"include cycle: {cycle}")
+                continue
+            if real in self._seen_files:
+                continue
+            data = self.read_toml(display, fs_path, where, by=file)
+            if data is None:
+                continue
+            self._seen_files.add(real)
+            self._stack.append((real, display))
+            try:
+                self.add_file(display, os.path.dirname(os.path.abspath(fs_path)), data, root=False)
+            finally:
+                self._stack.pop()
+
+    # -- sections --
+
+    def _gateway(self, file: str, base_dir: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, "gateway", t, _GATEWAY_KEYS, base_dir)
+        if "via" in t:
+            via = t["via"]
+            if via is False:
+                self.gateway["via"] = None
+            elif isinstance(via, str):
+                if _FIELD_VALUE_RE.match(via):
+                    self.gateway["via"] = via
+                elif not via:
+                    r.bad("via", "must not be empty; use via = false to turn Via off")
+                else:
+                    r.bad("via", "must be visible ASCII (a header value), without line breaks")
+            else:
+                r.bad("via", f"expected string or false, got {_describe(via)}")
+        xff = r.get_bool("xff_append")
+        if xff is not None:
+            self.gateway["xff_append"] = xff
+        drain = r.get_number("drain_timeout_s", _DRAIN_RULE)
+        if drain is not None:
+            self.gateway["drain_timeout_s"] = drain
+
+    def _limits(self, file: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, "limits", t, tuple(_LIMIT_RULES), "")
+        values = {
+            k: v for k, rule in _LIMIT_RULES.items() if (v := r.get_number(k, rule)) is not None
+        }
+        self.limits = Limits(**values)
+
+    def _listener(self, file: str, base_dir: str, path: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _LISTENER_KEYS, base_dir)
+        name = r.get_name()
+        address = r.get_str("address", required=True)
+        host_port: tuple[str, int] | None = None
+        if address is not None:
+            try:
+                host_port = parse_address(address)
+            except ValueError as e:
+                r.bad("address", str(e))
+        cert = r.get_file("tls_cert_file")
+        key = r.get_file("tls_key_file")
+        ca = r.get_file("client_ca_file")
+        mode = r.get_choice("client_cert", _CLIENT_CERT_MODES)
+        if "tls_key_file" in t and "tls_cert_file" not in t:
+            r.bad("tls_key_file", "tls_key_file without tls_cert_file; set both for TLS")
+        if "client_ca_file" in t and "tls_cert_file" not in t:
+            r.bad("client_ca_file", "client certificates need TLS: set tls_cert_file too")
+        if mode in ("optional", "required") and "client_ca_file" not in t:
+            r.bad("client_cert", f"client_cert = {_q(mode)} needs client_ca_file")
+        if (
+            "client_ca_file" in t
+            and "tls_cert_file" in t
+            and t.get("client_cert", "none") == "none"
+        ):
+            r.bad(
+                "client_ca_file",
+                'client_ca_file is set but client_cert is "none"; '
+                'set client_cert = "required" or "optional"',
+            )
+        if cert is not None and r.ok_key("tls_key_file"):
+            r.check_cert_chain("tls_cert_file", cert, key, ssl.PROTOCOL_TLS_SERVER)
+        if ca is not None:
+            r.check_ca("client_ca_file", ca)
+        obj = None
+        if r.ok and name is not None and host_port is not None:
+            obj = ListenerConfig(
+                name=name,
+                host=host_port[0],
+                port=host_port[1],
+                tls_cert_file=cert,
+                tls_key_file=key,
+                client_ca_file=ca,
+                client_cert=mode or "none",
+            )
+        self.listeners.append(_Named(name, file, path, obj))
+
+    def _backend(self, file: str, base_dir: str, path: str, name: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _BACKEND_KEYS, base_dir)
+        if not _NAME_RE.match(name):
+            self.problem(file, path, _bad_name(name))
+            r.ok = False
+        endpoints: list[Endpoint] = []
+        raw = t.get("endpoints")
+        if "endpoints" not in t:
+            r.bad("endpoints", "missing (required): a backend needs at least one endpoint URL")
+        elif not isinstance(raw, list):
+            r.bad("endpoints", f"expected array of URLs, got {_describe(raw)}")
+        elif not raw:
+            r.bad("endpoints", "must list at least one endpoint URL")
+        else:
+            for i, url in enumerate(raw):
+                where = f"endpoints[{i}]"
+                if not isinstance(url, str):
+                    r.bad(where, f"expected string (a URL), got {_describe(url)}")
+                    continue
+                try:
+                    endpoints.append(parse_endpoint(url))
+                except ValueError as e:
+                    r.bad(where, str(e))
+        ca = r.get_file("ca_file")
+        cert = r.get_file("client_cert_file")
+        key = r.get_file("client_key_file")
+        server_name = r.get_str("server_name")
+        if server_name is not None:
+            try:
+                _check_host(server_name)
+            except ValueError as e:
+                r.bad("server_name", str(e))
+        numbers = {
+            k: v for k, rule in _BACKEND_RULES.items() if (v := r.get_number(k, rule)) is not None
+        }
+        if "client_key_file" in t and "client_cert_file" not in t:
+            r.bad("client_key_file", "client_key_file without client_cert_file; set both")
+        if cert is not None and r.ok_key("client_key_file"):
+            r.check_cert_chain("client_cert_file", cert, key, ssl.PROTOCOL_TLS_CLIENT)
+        if ca is not None:
+            r.check_ca("ca_file", ca)
+        if (
+            endpoints
+            and len(endpoints) == len(raw or ())
+            and all(e.scheme == "http" for e in endpoints)
+        ):
+            for k in ("ca_file", "client_cert_file", "client_key_file", "server_name"):
+                if k in t:
+                    r.bad(k, f"{k} has no effect: no endpoint of this backend uses https")
+        obj = None
+        if r.ok:
+            total = numbers.get("total_timeout_s", _default(BackendConfig, "total_timeout_s"))
+            first = numbers.get(
+                "first_byte_timeout_s", _default(BackendConfig, "first_byte_timeout_s")
+            )
+            if first > total:
+                which = "first_byte_timeout_s" if "first_byte_timeout_s" in t else "total_timeout_s"
+                r.bad(
+                    which,
+                    f"first_byte_timeout_s ({first:g} s) is longer than "
+                    f"total_timeout_s ({total:g} s)",
+                )
+        if r.ok:
+            obj = BackendConfig(
+                name=name,
+                endpoints=tuple(endpoints),
+                ca_file=ca,
+                client_cert_file=cert,
+                client_key_file=key,
+                server_name=server_name,
+                **numbers,
+            )
+        self.backends.append(_Named(name, file, path, obj))
+
+    def _route(self, file: str, path: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _ROUTE_KEYS, "")
+        name = r.get_name()
+        backend = r.get_str("backend", required=True)
+        prefix = r.get_str("path_prefix")
+        if prefix is not None:
+            if not prefix.startswith("/"):
+                r.bad("path_prefix", f"must start with /, got {_q(prefix)}")
+            elif _PATH_PREFIX_BAD_RE.search(prefix):
+                r.bad("path_prefix", "must not contain spaces, control characters, '?' or '#'")
+        strip = r.get_bool("strip_prefix")
+        obj = None
+        if r.ok and name is not None and backend is not None:
+            obj = RouteConfig(
+                name=name,
+                backend=backend,
+                path_prefix=prefix if prefix is not None else "/",
+                strip_prefix=bool(strip),
+            )
+        self.routes.append(_Named(name, file, path, obj, backend))
+
+    # -- across files --
+
+    def finish(self, source: str) -> GatewayConfig:
+        for kind, items in (
+            ("listener", self.listeners),
+            ("backend", self.backends),
+            ("route", self.routes),
+        ):
+            first: dict[str, _Named] = {}
+            for item in items:
+                if item.name is None:
+                    continue
+                if item.name in first:
+                    prev = first[item.name]
+                    where = prev.path if prev.file == item.file else f"{prev.path} in {prev.file}"
+                    path = item.path if kind == "backend" else f"{item.path}.name"
+                    self.problem(
+                        item.file, path, f"duplicate {kind} name {_q(item.name)} (first at {where})"
+                    )
+                else:
+                    first[item.name] = item
+        known_backends = {b.name for b in self.backends}
+        addresses: dict[tuple[str, int], _Named] = {}
+        for item in self.listeners:
+            obj = item.obj
+            if isinstance(obj, ListenerConfig) and obj.port != 0:
+                addr = (obj.host, obj.port)
+                if addr in addresses:
+                    prev = addresses[addr]
+                    self.problem(
+                        item.file,
+                        f"{item.path}.address",
+                        f"same address as listener {_q(prev.name)}",
+                    )
+                else:
+                    addresses[addr] = item
+        prefixes: dict[str, _Named] = {}
+        for item in self.routes:
+            # A file that could not be read may define the backend: do not guess then.
+            if item.backend is not None and item.backend not in known_backends and not self.unread:
+                self.problem(
+                    item.file,
+                    f"{item.path}.backend",
+                    _unknown_name("backend", item.backend, sorted(n for n in known_backends if n)),
+                )
+            if isinstance(item.obj, RouteConfig):
+                prefix = item.obj.path_prefix
+                if prefix in prefixes:
+                    self.problem(
+                        item.file,
+                        f"{item.path}.path_prefix",
+                        f"same path_prefix {_q(prefix)} as route {_q(prefixes[prefix].name)}; "
+                        "this route would never match",
+                    )
+                else:
+                    prefixes[prefix] = item
+        if self.root is not None and not self.listeners and not self.unread:
+            self.problem(
+                self.root, "listeners", "no listeners: add at least one [[listeners]] table"
+            )
+        if self.problems:
+            raise ConfigError(self.problems)
+        return GatewayConfig(
+            listeners=tuple(i.obj for i in self.listeners),
+            backends={i.obj.name: i.obj for i in self.backends},
+            routes=tuple(i.obj for i in self.routes),
+            limits=self.limits,
+            source=source,
+            **self.gateway,
+        )
+
+
+class _Reader:
+    """Reads one table: reports unknown keys on creation, then typed values on request.
+    Every getter returns None when the key is absent or its value is bad (``ok`` goes
+    False then), so a builder can pass on only what it got."""
+
+    def __init__(
+        self,
+        builder: _Builder,
+        file: str,
+        path: str,
+        table: dict[str, Any],
+        known: tuple[str, ...],
+        base_dir: str,
+    ) -> None:
+        self.b = builder
+        self.file = file
+        self.path = path
+        self.t = table
+        self.base_dir = base_dir
+        self.ok = True
+        self._bad_keys: set[str] = set()
+        for key in table:
+            if key not in known:
+                self.b.problem(file, self.at(key), _unknown_key(key, known))
+                self.ok = False
+
+    def at(self, key: str) -> str:
+        if not key:
+            return self.path
+        if key.endswith("]"):  # "endpoints[1]"
+            return f"{self.path}.{key}"
+        return f"{self.path}.{_key(key)}"
+
+    def bad(self, key: str, message: str) -> None:
+        self.b.problem(self.file, self.at(key), message)
+        self._bad_keys.add(key)
+        self.ok = False
+
+    def ok_key(self, key: str) -> bool:
+        """True when ``key`` is absent or was read without a problem."""
+        return key not in self._bad_keys
+
+    def _get(self, key: str, required: bool) -> Any:
+        if key not in self.t:
+            if required:
+                self.bad(key, "missing (required)")
+            return None
+        return self.t[key]
+
+    def get_str(self, key: str, *, required: bool = False) -> str | None:
+        value = self._get(key, required)
+        if value is None:
+            return None
+        if not isinstance(value, str):
+            self.bad(key, f"expected string, got {_describe(value)}")
+            return None
+        return value
+
+    def get_name(self) -> str | None:
+        name = self.get_str("name", required=True)
+        if name is not None and not _NAME_RE.match(name):
+            self.bad("name", _bad_name(name))
+            return None
+        return name
+
+    def get_bool(self, key: str) -> bool | None:
+        value = self._get(key, False)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            self.bad(key, f"expected boolean (true or false), got {_describe(value)}")
+            return None
+        return value
+
+    def get_choice(self, key: str, choices: tuple[str, ...]) -> str | None:
+        value = self.get_str(key)
+        if value is not None and value not in choices:
+            self.bad(key, f"must be one of {', '.join(map(_q, choices))}, got {_q(value)}")
+            return None
+        return value
+
+    def get_number(self, key: str, rule: _NumberRule) -> Any:
+        value = self._get(key, False)
+        if value is None:
+            return None
+        kind, low, low_ok = rule
+        if kind == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            self.bad(key, f"expected integer, got {_describe(value)}")
+            return None
+        if kind == "float":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                self.bad(key, f"expected number (seconds), got {_describe(value)}")
+                return None
+            if not math.isfinite(value):
+                self.bad(key, f"must be a finite number, got {value}")
+                return None
+            value = float(value)
+        if value < low or (value == low and not low_ok):
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            if low_ok:
+                self.bad(key, f"must be {low} or more, got {shown}")
+            else:
+                self.bad(key, f"must be greater than {low}, got {shown}")
+            return None
+        return value
+
+    def get_file(self, key: str) -> str | None:
+        """A file path: resolved against this file's directory, must be readable."""
+        value = self.get_str(key)
+        if value is None:
+            return None
+        if not value:
+            self.bad(key, "must not be empty")
+            return None
+        path = os.path.abspath(os.path.join(self.base_dir, os.path.expanduser(value)))
+        try:
+            with open(path, "rb"):
+                pass
+        except FileNotFoundError:
+            self.bad(key, f"file not found: {path}")
+            return None
+        except IsADirectoryError:
+            self.bad(key, f"is a directory, not a file: {path}")
+            return None
+        except OSError as e:
+            self.bad(key, f"cannot read {path}: {e.strerror or e}")
+            return None
+        return path
+
+    def check_cert_chain(self, key: str, cert: str, keyfile: str | None, protocol: int) -> None:
+        """Load a certificate (+ key) the way the server or client will."""
+        ctx = ssl.SSLContext(protocol)
+        try:
+            ctx.load_cert_chain(cert, keyfile, password=_no_password)
+        except _EncryptedKey:
+            self.bad(key, "private key is encrypted; passphrase-protected keys are not supported")
+        except ssl.SSLError as e:
+            what = "certificate and key" if keyfile else "certificate and key (in the same file)"
+            self.bad(key, f"cannot load {what}: {_ssl_reason(e)}")
+
+    def check_ca(self, key: str, path: str) -> None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        try:
+            ctx.load_verify_locations(cafile=path)
+        except ssl.SSLError as e:
+            self.bad(key, f"cannot load CA certificates: {_ssl_reason(e)}")
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _no_password() -> str:
+    # Called by OpenSSL only for an encrypted key; without this it would prompt on a tty.
+    raise _EncryptedKey
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    reason = e.reason or (e.args[1] if len(e.args) > 1 else str(e))
+    return str(reason).replace("_", " ").lower()
+
+
+# --- small helpers -------------------------------------------------------------------
+
+
+def _table(b: _Builder, file: str, path: str, value: Any) -> dict[str, Any] | None:
+    if isinstance(value, dict):
+        return value
+    b.problem(file, path, f"expected table, got {_describe(value)}")
+    return None
+
+
+def _array_of_tables(b: _Builder, file: str, key: str, value: Any) -> list[dict[str, Any] | None]:
+    if isinstance(value, dict):
+        b.problem(file, key, f"expected array of tables ([[{key}]]), got a single table ([{key}])")
+        return []
+    if not isinstance(value, list):
+        b.problem(file, key, f"expected array of tables ([[{key}]]), got {_describe(value)}")
+        return []
+    out: list[dict[str, Any] | None] = []
+    for i, item in enumerate(value):
+        out.append(_table(b, file, f"{key}[{i}]", item))
+    return out
+
+
+def _default(cls: type, name: str) -> Any:
+    # slots=True dataclasses keep defaults only in their fields, not as class attributes.
+    return next(f.default for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _key(name: str) -> str:
+    """One key-path component, quoted the TOML way when it is not a bare key."""
+    if _BARE_KEY_RE.match(name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _q(text: object) -> str:
+    """Quote a value in a message the TOML way (double quotes)."""
+    return f'"{text}"'
+
+
+def _unknown_key(key: str, known: tuple[str, ...]) -> str:
+    return _unknown_name("key", key, list(known))
+
+
+def _unknown_name(kind: str, name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    hint = f"; did you mean {_q(close[0])}?" if close else ""
+    if kind == "key":
+        return f"unknown key {_q(name)}{hint}"
+    if not hint and known:
+        hint = f" (known: {', '.join(known)})"
+    elif not known:
+        hint = f" (no {kind}s are defined)"
+    return f"unknown {kind} {_q(name)}{hint}"
+
+
+def _bad_name(name: str) -> str:
+    return (
+        f"invalid name {_q(name)}: use letters, digits, '-', '_' and '.', "
+        "starting with a letter or digit"
+    )
+
+
+_TYPE_NAMES: dict[type, str] = {
+    str: "string",
+    bool: "boolean",
+    int: "integer",
+    float: "float",
+    list: "array",
+    dict: "table",
+}
+
+
+def _type_name(value: Any) -> str:
+    for t, name in _TYPE_NAMES.items():
+        if isinstance(value, t):
+            return name
+    return type(value).__name__  # datetime, date, time
+
+
+def _describe(value: Any) -> str:
+    """``string "10"``, ``integer 3``, ``table``: the type, and the value when short."""
+    name = _TYPE_NAMES.get(type(value)) or _type_name(value)
+    if isinstance(value, list | dict):
+        return name
+    if isinstance(value, str):
+        shown = _q(value)
+    elif isinstance(value, bool):
+        shown = "true" if value else "false"
+    else:
+        shown = str(value)
+    if len(shown) > 40:
+        return name
+    return f"{name} {shown}"

@@ -1,0 +1,120 @@
+"""Frozen configuration objects: what the loader produces and the gateway consumes.
+
+Every number that is a limit says where its default came from. Times are seconds
+(``*_s``), sizes bytes (``*_bytes``). Objects are immutable so a reload can swap one
+``GatewayConfig`` for another atomically; requests in flight keep the one they began with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Downstream (client-side) limits."""
+
+    # 32 KiB: the issue's default; HAProxy's tune.bufsize is 16 KiB, nginx allows 4x8 KiB.
+    max_head_bytes: int = 32768
+    # 100 fields: HAProxy's default tune.http.maxhdr is 101.
+    max_header_fields: int = 100
+    # 8 KiB: RFC 9112 3 recommends supporting request-lines of at least 8000 octets.
+    max_target_bytes: int = 8192
+    # 10 MiB: Cloud Functions' own request limit is 32 MiB (HTTP), Lambda URLs 6 MiB;
+    # 10 MiB is a middle that operators raise per route. 0 means no limit.
+    max_body_bytes: int = 10 * 1024 * 1024
+    # 10 s to send a whole head: nginx's client_header_timeout is 60 s, HAProxy's
+    # recommended "timeout http-request" is 10 s. Slow-header clients get 408.
+    head_timeout_s: float = 10.0
+    # 60 s idle keep-alive: between nginx's 75 s and HAProxy's common 1-10 s; short enough
+    # to bound idle sockets, long enough for browsers and SDK pools.
+    idle_timeout_s: float = 60.0
+    # 30 s without progress while reading a request body, or writing to a client.
+    body_timeout_s: float = 30.0
+    # 10000 connections per worker: well under the default fd limit raised by serve.
+    max_connections: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    # mTLS callers: CA bundle to verify client certificates against, and whether a
+    # certificate is "required" or "optional".
+    client_ca_file: str | None = None
+    client_cert: str = "none"  # "none" | "optional" | "required"
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One upstream endpoint, parsed from a URL like https://host:443/prefix."""
+
+    url: str
+    scheme: str  # "http" | "https"
+    host: str
+    port: int
+    path_prefix: str  # "" or "/prefix" without a trailing slash
+
+    @property
+    def authority(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        # IPv6 literals are stored bare (for connecting) and bracketed here (RFC 3986 3.2.2).
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.port == default:
+            return host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    # TLS to the upstream: verified always; ca_file replaces the system CAs.
+    ca_file: str | None = None
+    client_cert_file: str | None = None
+    client_key_file: str | None = None
+    server_name: str | None = None  # SNI / verification name override
+    # 5 s connect: Envoy's default connect_timeout is 5 s.
+    connect_timeout_s: float = 5.0
+    # 60 s to the first response byte: Cloud Functions cold starts can take tens of
+    # seconds; the hedging issue adds a separate, shorter one for warm endpoints.
+    first_byte_timeout_s: float = 60.0
+    # 300 s for a whole exchange: Cloud Functions' default function timeout is 60 s,
+    # the maximum for HTTP functions 3600 s; 300 s is Envoy's order of magnitude for
+    # long calls and a sane stop for stuck streams.
+    total_timeout_s: float = 300.0
+    # 128 idle+busy connections per endpoint; 30 s idle expiry (under the 60 s idle
+    # timeouts common on function front ends, so we close before they do).
+    pool_max_size: int = 128
+    pool_idle_timeout_s: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    backend: str
+    path_prefix: str = "/"
+    strip_prefix: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listeners: tuple[ListenerConfig, ...]
+    backends: dict[str, BackendConfig] = field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    # Value appended to Via in both directions; None disables it.
+    via: str | None = "1.1 fastgw"
+    # Trust a client's X-Forwarded-For and append to it (true), or replace it (false).
+    xff_append: bool = True
+    # SIGTERM/SIGINT: stop accepting, finish in-flight requests for up to this long.
+    # 10 s: Kubernetes gives 30 s by default before SIGKILL; leave room for the rest.
+    drain_timeout_s: float = 10.0
+    source: str = "<objects>"  # the file it was loaded from, for messages
