@@ -1,0 +1,551 @@
+"""One client connection: read heads, run exchanges in order, keep alive, time out.
+
+Strategy. One trio task per connection, on a raw non-blocking socket (see transport.py).
+The task owns one cancel scope for the whole connection; instead of opening a scope per
+wait it moves that scope's deadline as the connection changes phase (idle, reading a
+head, reading a body, waiting for the upstream, streaming the response), and records the
+phase, so that when the deadline fires the edge knows what to answer: 408 for a slow
+head or body, 504 for a slow upstream, a quiet close when idle, an abort mid-response.
+
+Per exchange the core is called to parse the head, build the upstream head, parse the
+response head and build the downstream head; bodies are streamed in pieces of at most
+``RECV_BYTES`` with each piece fully written before the next is read (backpressure), so
+a connection holds at most one 64 KiB read per direction whatever the body's size.
+
+Requests are answered in order (pipelining): bytes after a request's body stay in the
+buffer and are parsed once the response is done. After a protocol error the connection
+is closed, because framing is then in doubt.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import TYPE_CHECKING
+
+import trio
+
+from fastgw._core.http import (
+    BODY_CHUNKED,
+    BODY_LENGTH,
+    BODY_NONE,
+    BODY_UNTIL_CLOSE,
+    ChunkedReader,
+    build_request_head,
+    build_response_head,
+    parse_request_head,
+    parse_response_head,
+)
+from fastgw.errors import ProtocolError
+from fastgw.transport import PlainTransport
+from fastgw.upstream.pool import UpstreamConn, UpstreamConnectError
+
+if TYPE_CHECKING:
+    from fastgw.gateway import Gateway
+
+# Phases, for what a fired deadline means.
+IDLE = 0
+HEAD = 1
+BODY = 2
+UPSTREAM = 3
+RESPONSE = 4
+DONE = 5
+
+# A client's X-Request-Id is propagated when it looks like an id (bounded, no spaces or
+# separators that could inject into logs); otherwise fastgw makes one.
+_VALID_RID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_REASONS = {
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    413: "Content Too Large",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    501: "Not Implemented",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    505: "HTTP Version Not Supported",
+}
+
+
+class UpstreamFailed(Exception):
+    """The upstream broke the exchange. ``sent`` says whether the request may have
+    reached the function; ``status`` is what to answer if no response has started."""
+
+    def __init__(self, status: int, code: str, detail: str, *, sent: bool) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.code = code
+        self.detail = detail
+        self.sent = sent
+
+
+class ClientGone(Exception):
+    """The client closed or reset its connection mid-exchange."""
+
+
+def error_response(status: int, code: str, detail: str, rid: bytes, *, close: bool) -> bytes:
+    body = json.dumps(
+        {"error": code, "status": status, "detail": detail, "request_id": rid.decode()},
+        separators=(",", ":"),
+    ).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    ).encode()
+    head += b"X-Request-Id: " + rid + b"\r\n"
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body
+
+
+class Downstream:
+    __slots__ = (
+        "answered",
+        "gw",
+        "idle",
+        "peer_ip",
+        "phase",
+        "proto",
+        "requests",
+        "rid",
+        "scope",
+        "t",
+        "upconn",
+    )
+
+    def __init__(self, gw: Gateway, t: PlainTransport, peer_ip: bytes, proto: bytes) -> None:
+        self.gw = gw
+        self.t = t
+        self.peer_ip = peer_ip
+        self.proto = proto
+        self.scope: trio.CancelScope | None = None
+        self.phase = IDLE
+        self.idle = True
+        self.requests = 0
+        self.rid = b"-"
+        self.upconn: UpstreamConn | None = None
+        # True once any byte of a response to the current request went to the client.
+        self.answered = False
+
+    # -- the connection loop ------------------------------------------------------------
+
+    async def run(self) -> None:
+        gw = self.gw
+        t = self.t
+        scope = self.scope
+        assert scope is not None
+        buf = b""
+        pos = 0
+        scan_from = 0
+        head_deadline = 0.0
+        while True:
+            state = gw.state
+            lim = state.limits
+            head = None
+            if pos < len(buf):
+                head = parse_request_head(
+                    buf,
+                    pos,
+                    scan_from=scan_from,
+                    max_head_bytes=lim.max_head_bytes,
+                    max_fields=lim.max_header_fields,
+                    max_target=lim.max_target_bytes,
+                )
+            if head is None:
+                if pos >= len(buf) and gw.draining:
+                    return
+                data = t.recv_nowait()
+                if data is None:
+                    now = trio.current_time()
+                    if pos >= len(buf):
+                        self.phase = IDLE
+                        self.idle = True
+                        scope.deadline = now + lim.idle_timeout_s
+                    else:
+                        self.phase = HEAD
+                        scope.deadline = head_deadline
+                    data = await t.recv()
+                    self.idle = False
+                if not data:
+                    return
+                if pos < len(buf):
+                    old = len(buf) - pos
+                    buf = buf[pos:] + data
+                    scan_from = old - 3 if old > 3 else 0
+                else:
+                    buf = data
+                    scan_from = 0
+                    head_deadline = trio.current_time() + lim.head_timeout_s
+                pos = 0
+                continue
+            self.idle = False
+            pos += head.head_len
+            scan_from = 0
+            self.requests += 1
+            self.answered = False
+            rid = head.get(b"x-request-id")
+            if rid is None or _VALID_RID.fullmatch(rid) is None:
+                rid = gw.next_request_id()
+            self.rid = rid
+            buf, pos, keep = await self._exchange(state, head, buf, pos, rid)
+            if not keep:
+                return
+            if pos >= len(buf):
+                buf = b""
+                pos = 0
+            head_deadline = trio.current_time() + lim.head_timeout_s
+
+    # -- one exchange -------------------------------------------------------------------
+
+    async def _exchange(self, state, head, buf: bytes, pos: int, rid: bytes):  # type: ignore[no-untyped-def]
+        """Proxy one request; returns (buf, pos, keep_alive)."""
+        gw = self.gw
+        t = self.t
+        lim = state.limits
+        kind = head.body_kind
+        matched = state.router.match(head.path)
+        if matched is None:
+            gw.count_error("no_route")
+            await self.send_error(404, "no_route", "no route matches this request", rid,
+                                  close=kind != BODY_NONE)
+            return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+        route, path = matched
+        if kind == BODY_LENGTH and lim.max_body_bytes and head.content_length > lim.max_body_bytes:
+            gw.count_error("body_too_large")
+            await self.send_error(413, "body_too_large",
+                                  f"request body over {lim.max_body_bytes} bytes", rid, close=True)
+            return buf, pos, False
+        if head.method == b"CONNECT" or head.upgrade:
+            gw.count_error("method_not_supported")
+            await self.send_error(501 if head.upgrade else 405, "not_supported",
+                                  "CONNECT and protocol upgrades are not supported", rid,
+                                  close=kind != BODY_NONE)
+            return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+
+        backend = route.backend
+        pool = backend.pick()
+        target = path
+        if pool.path_prefix:
+            target = pool.path_prefix + (path[1:] if path == b"/" or path.startswith(b"/?") else path)
+        up_head = build_request_head(
+            head,
+            target=target,
+            host=pool.host_header,
+            client_ip=self.peer_ip,
+            proto=self.proto,
+            request_id=rid,
+            xff_append=state.xff_append,
+            via=state.via,
+            strip=state.strip,
+        )
+        scope = self.scope
+        assert scope is not None
+        now = trio.current_time()
+        bcfg = backend.config
+        deadline_total = now + bcfg.total_timeout_s
+
+        # Body bytes already buffered go out with the head.
+        reader = None
+        remaining = 0
+        if kind == BODY_LENGTH:
+            remaining = head.content_length
+            avail = len(buf) - pos
+            if avail > remaining:
+                avail = remaining
+            first = up_head + buf[pos : pos + avail] if avail else up_head
+            pos += avail
+            remaining -= avail
+            if remaining and head.expect_continue and avail == 0:
+                await t.send_all(_CONTINUE)
+        elif kind == BODY_CHUNKED:
+            reader = ChunkedReader(max_trailer_bytes=lim.max_head_bytes)
+            end = reader.scan(buf, pos)
+            if lim.max_body_bytes and reader.body_bytes > lim.max_body_bytes:
+                gw.count_error("body_too_large")
+                await self.send_error(413, "body_too_large",
+                                      f"request body over {lim.max_body_bytes} bytes", rid,
+                                      close=True)
+                return buf, pos, False
+            first = up_head + buf[pos:end] if end > pos else up_head
+            if not reader.done and end == len(buf) and end == pos and head.expect_continue:
+                await t.send_all(_CONTINUE)
+            pos = end
+        else:
+            first = up_head
+
+        # Connect (or reuse) and send the head; a reused connection that turns out dead
+        # before anything could reach the function is replaced once, whatever the method.
+        self.phase = UPSTREAM
+        scope.deadline = deadline_total
+        conn = await self._send_first(pool, first, rid)
+        if conn is None:
+            return buf, pos, False
+        ut = conn.transport
+
+        # Stream the rest of the request body, client -> upstream.
+        if remaining or (reader is not None and not reader.done):
+            self.phase = BODY
+            try:
+                buf, pos = await self._stream_request_body(ut, reader, remaining, lim)
+            except ClientGone:
+                pool.release(conn, False)
+                self.upconn = None
+                gw.count_error("client_gone")
+                return buf, pos, False
+            except ProtocolError as e:
+                pool.release(conn, False)
+                self.upconn = None
+                gw.count_error("bad_request_body")
+                await self.send_error(e.status, "bad_request", e.detail, rid, close=True)
+                return buf, pos, False
+            except UpstreamFailed as e:
+                pool.release(conn, False)
+                self.upconn = None
+                gw.count_error(e.code)
+                await self.send_error(e.status, e.code, e.detail, rid, close=True)
+                return buf, pos, False
+
+        # Response head.
+        self.phase = UPSTREAM
+        scope.deadline = min(deadline_total, trio.current_time() + bcfg.first_byte_timeout_s)
+        is_head = head.method == b"HEAD"
+        ubuf = b""
+        upos = 0
+        uscan = 0
+        try:
+            while True:
+                data = await ut.recv()
+                if not data:
+                    raise UpstreamFailed(502, "upstream_closed",
+                                         "upstream closed the connection without a response",
+                                         sent=True)
+                if upos < len(ubuf):
+                    old = len(ubuf) - upos
+                    ubuf = ubuf[upos:] + data
+                    uscan = old - 3 if old > 3 else 0
+                else:
+                    ubuf = data
+                    uscan = 0
+                upos = 0
+                while True:
+                    rh = parse_response_head(ubuf, upos, request_was_head=is_head,
+                                             scan_from=uscan)
+                    if rh is None or rh.status >= 200 or rh.status == 101:
+                        break
+                    upos += rh.head_len  # 1xx interim responses are not relayed
+                    uscan = 0
+                if rh is not None:
+                    break
+        except (ProtocolError, UpstreamFailed, OSError) as e:
+            pool.release(conn, False)
+            self.upconn = None
+            if isinstance(e, UpstreamFailed):
+                code, detail = e.code, e.detail
+            elif isinstance(e, ProtocolError):
+                code, detail = "bad_upstream_response", "upstream sent a malformed response"
+            else:
+                code, detail = "upstream_reset", "upstream connection failed"
+            gw.count_error(code)
+            await self.send_error(502, code, detail, rid, close=True)
+            return buf, pos, False
+        upos += rh.head_len
+
+        # Response head and body, upstream -> client.
+        keep = head.keep_alive and not gw.draining
+        ukind = rh.body_kind
+        if ukind == BODY_UNTIL_CLOSE or rh.status == 101:
+            keep = False
+        out_head = build_response_head(
+            rh,
+            close=not keep,
+            keep_alive_10=keep and head.version == 10,
+            extra=b"X-Request-Id: " + rid + b"\r\n",
+            via=state.via,
+        )
+        self.phase = RESPONSE
+        scope.deadline = min(deadline_total, trio.current_time() + lim.body_timeout_s)
+        reusable = rh.keep_alive
+        try:
+            if ukind == BODY_NONE:
+                self.answered = True
+                await t.send_all(out_head)
+                if upos < len(ubuf):
+                    reusable = False
+            elif ukind == BODY_LENGTH:
+                left = rh.content_length
+                avail = len(ubuf) - upos
+                if avail > left:
+                    reusable = False
+                    avail = left
+                self.answered = True
+                await t.send_all(out_head + ubuf[upos : upos + avail] if avail else out_head)
+                left -= avail
+                while left:
+                    data = await self._upstream_piece(ut, deadline_total, lim)
+                    if len(data) > left:
+                        reusable = False
+                        data = data[:left]
+                    left -= len(data)
+                    await t.send_all(data)
+            elif ukind == BODY_CHUNKED:
+                ureader = ChunkedReader(response=True)
+                end = ureader.scan(ubuf, upos)
+                if ureader.done and end < len(ubuf):
+                    reusable = False
+                self.answered = True
+                await t.send_all(out_head + ubuf[upos:end] if end > upos else out_head)
+                while not ureader.done:
+                    data = await self._upstream_piece(ut, deadline_total, lim)
+                    end = ureader.scan(data)
+                    if end < len(data):
+                        reusable = False
+                    await t.send_all(data[:end] if end < len(data) else data)
+            else:  # until close
+                reusable = False
+                self.answered = True
+                await t.send_all(out_head + ubuf[upos:] if upos < len(ubuf) else out_head)
+                while True:
+                    scope.deadline = min(deadline_total, trio.current_time() + lim.body_timeout_s)
+                    data = await ut.recv()
+                    if not data:
+                        break
+                    await t.send_all(data)
+        except UpstreamFailed as e:
+            # The response already started: the client can only learn of it by an abort.
+            pool.release(conn, False)
+            self.upconn = None
+            gw.count_error(e.code)
+            t.abort()
+            return buf, pos, False
+        except ProtocolError:
+            pool.release(conn, False)
+            self.upconn = None
+            gw.count_error("bad_upstream_response")
+            t.abort()
+            return buf, pos, False
+        except OSError:
+            # Which side failed is unknown from here; neither connection is reused.
+            pool.release(conn, False)
+            self.upconn = None
+            gw.count_error("stream_reset")
+            t.abort()
+            return buf, pos, False
+        pool.release(conn, reusable)
+        self.upconn = None
+        self.phase = DONE
+        gw.count_response(rh.status)
+        return buf, pos, keep
+
+    async def _upstream_piece(self, ut: PlainTransport, deadline_total: float, lim) -> bytes:  # type: ignore[no-untyped-def]
+        scope = self.scope
+        assert scope is not None
+        scope.deadline = min(deadline_total, trio.current_time() + lim.body_timeout_s)
+        data = await ut.recv()
+        if not data:
+            raise UpstreamFailed(502, "upstream_closed", "upstream closed mid-response", sent=True)
+        return data
+
+    async def _send_first(self, pool, first: bytes, rid: bytes) -> UpstreamConn | None:  # type: ignore[no-untyped-def]
+        gw = self.gw
+        for attempt in (0, 1):
+            try:
+                conn = pool.acquire_idle_nowait(trio.current_time())
+                if conn is None:
+                    conn = await pool.acquire()
+            except UpstreamConnectError as e:
+                gw.count_error("connect_timeout" if e.timeout else "connect_failed")
+                await self.send_error(
+                    504 if e.timeout else 502,
+                    "upstream_connect_timeout" if e.timeout else "upstream_unreachable",
+                    "could not connect to the function endpoint",
+                    rid,
+                    close=True,
+                )
+                return None
+            self.upconn = conn
+            try:
+                await conn.transport.send_all(first)
+                return conn
+            except OSError:
+                pool.release(conn, False)
+                self.upconn = None
+                # Refused or reset while sending: on a reused connection the peer had
+                # closed it; nothing reached the function. Try once more on a new one.
+                if attempt == 0 and conn.exchanges > 0:
+                    gw.count_error("dead_pooled_connection")
+                    continue
+                gw.count_error("upstream_reset")
+                await self.send_error(502, "upstream_reset", "upstream connection failed", rid,
+                                      close=True)
+                return None
+        return None
+
+    async def _stream_request_body(self, ut, reader, remaining: int, lim):  # type: ignore[no-untyped-def]
+        """Client -> upstream until the body ends; returns (buf, pos) with what the client
+        sent after the body (the next pipelined request)."""
+        t = self.t
+        scope = self.scope
+        assert scope is not None
+        total = 0
+        max_body = lim.max_body_bytes
+        while True:
+            scope.deadline = trio.current_time() + lim.body_timeout_s
+            data = await t.recv()
+            if not data:
+                raise ClientGone()
+            if reader is None:
+                if len(data) > remaining:
+                    piece, rest = data[:remaining], data[remaining:]
+                else:
+                    piece, rest = data, b""
+                remaining -= len(piece)
+                await self._to_upstream(ut, piece)
+                if not remaining:
+                    return rest, 0
+            else:
+                end = reader.scan(data)
+                if max_body and reader.body_bytes > max_body:
+                    raise ProtocolError(f"request body over {max_body} bytes", status=413)
+                total += end
+                await self._to_upstream(ut, data[:end] if end < len(data) else data)
+                if reader.done:
+                    return data[end:], 0
+
+    async def _to_upstream(self, ut: PlainTransport, data: bytes) -> None:
+        try:
+            await ut.send_all(data)
+        except OSError:
+            raise UpstreamFailed(502, "upstream_reset", "upstream connection failed while "
+                                 "sending the request body", sent=True) from None
+
+    async def send_error(self, status: int, code: str, detail: str, rid: bytes, *,
+                         close: bool) -> None:
+        self.answered = True
+        try:
+            await self.t.send_all(error_response(status, code, detail, rid, close=close))
+        except OSError:
+            pass
+
+    async def answer_timeout(self) -> None:
+        """Called after the connection's deadline fired, outside its scope."""
+        phase = self.phase
+        if self.answered or phase in (IDLE, DONE):
+            return
+        if phase in (HEAD, BODY):
+            self.gw.count_error("client_timeout")
+            await self.send_error(408, "request_timeout", "request not received in time",
+                                  self.rid if phase == BODY else self.gw.next_request_id(),
+                                  close=True)
+        elif phase == UPSTREAM:
+            self.gw.count_error("upstream_timeout")
+            await self.send_error(504, "upstream_timeout", "the function did not answer in time",
+                                  self.rid, close=True)
+        else:
+            self.gw.count_error("response_timeout")

@@ -1,0 +1,229 @@
+"""Keep-alive connection pools, one per upstream endpoint.
+
+Strategy: idle connections sit in a LIFO list (the most recently used is the warmest and
+the least likely to have been closed by the function's front end). ``acquire`` pops one,
+drops it if it has idled past ``idle_timeout_s`` or if a non-blocking MSG_PEEK shows the
+peer closed it, and otherwise opens a new connection while the pool is under
+``max_size`` (idle + busy); at the cap it waits for a release. A connection goes back
+only through ``release(conn, reusable=True)`` after a complete exchange; every other
+path closes it, so a connection in an unknown state is never reused.
+
+Raises ``UpstreamConnectError`` when a connection cannot be opened (refused, timeout,
+TLS failure); it says whether anything could have reached the function (never, here).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+
+import trio
+
+from fastgw.config.model import BackendConfig, Endpoint
+from fastgw.transport import PlainTransport, TLSTransport
+
+
+class UpstreamConnectError(Exception):
+    """The gateway could not open a connection to an endpoint; nothing was sent."""
+
+    def __init__(self, endpoint: Endpoint, reason: str, *, timeout: bool = False) -> None:
+        super().__init__(f"{endpoint.url}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+        self.timeout = timeout
+
+
+class UpstreamConn:
+    """One pooled connection: its transport, the bytes read past the last response,
+    and bookkeeping for expiry and statistics."""
+
+    __slots__ = ("exchanges", "idle_since", "pool", "transport")
+
+    def __init__(self, pool: Pool, transport: PlainTransport) -> None:
+        self.pool = pool
+        self.transport = transport
+        self.idle_since = 0.0
+        self.exchanges = 0
+
+
+@dataclass(slots=True)
+class PoolStatistics:
+    idle: int
+    busy: int
+    created: int
+    reused: int
+    waits: int
+    dropped_dead: int
+
+
+def make_client_tls_context(backend: BackendConfig) -> ssl.SSLContext:
+    """A verifying client context: system CAs or ``ca_file``, hostname checks on,
+    TLS 1.2 minimum, optional client certificate for mTLS to the function."""
+    ctx = ssl.create_default_context(cafile=backend.ca_file)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = True
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if backend.client_cert_file:
+        ctx.load_cert_chain(backend.client_cert_file, backend.client_key_file)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
+
+
+class Pool:
+    __slots__ = (
+        "_busy",
+        "_created",
+        "_dropped_dead",
+        "_idle",
+        "_lot",
+        "_reused",
+        "_waits",
+        "backend",
+        "closed",
+        "endpoint",
+        "host_header",
+        "idle_timeout_s",
+        "max_size",
+        "path_prefix",
+        "tls_context",
+    )
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        backend: BackendConfig,
+        tls_context: ssl.SSLContext | None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.backend = backend
+        self.tls_context = tls_context
+        self.max_size = backend.pool_max_size
+        self.idle_timeout_s = backend.pool_idle_timeout_s
+        self.host_header = endpoint.authority.encode("ascii")
+        self.path_prefix = endpoint.path_prefix.encode("ascii")
+        self._idle: list[UpstreamConn] = []
+        self._busy = 0
+        self._created = 0
+        self._reused = 0
+        self._waits = 0
+        self._dropped_dead = 0
+        self._lot = trio.lowlevel.ParkingLot()
+        self.closed = False
+
+    def statistics(self) -> PoolStatistics:
+        return PoolStatistics(
+            idle=len(self._idle),
+            busy=self._busy,
+            created=self._created,
+            reused=self._reused,
+            waits=self._waits,
+            dropped_dead=self._dropped_dead,
+        )
+
+    def acquire_idle_nowait(self, now: float) -> UpstreamConn | None:
+        """A live idle connection, or None. Never blocks."""
+        idle = self._idle
+        limit = now - self.idle_timeout_s
+        while idle:
+            conn = idle.pop()
+            if conn.idle_since < limit or not conn.transport.is_reusable():
+                if conn.idle_since >= limit:
+                    self._dropped_dead += 1
+                conn.transport.close()
+                continue
+            self._busy += 1
+            self._reused += 1
+            return conn
+        return None
+
+    async def acquire(self) -> UpstreamConn:
+        while True:
+            conn = self.acquire_idle_nowait(trio.current_time())
+            if conn is not None:
+                return conn
+            if self._busy + len(self._idle) < self.max_size:
+                self._busy += 1
+                try:
+                    return await self._open()
+                except BaseException:
+                    self._busy -= 1
+                    self._lot.unpark()
+                    raise
+            self._waits += 1
+            await self._lot.park()
+
+    def release(self, conn: UpstreamConn, reusable: bool) -> None:
+        self._busy -= 1
+        conn.exchanges += 1
+        if reusable and not self.closed and not conn.transport.closed:
+            conn.idle_since = trio.current_time()
+            self._idle.append(conn)
+        else:
+            conn.transport.close()
+        self._lot.unpark()
+
+    def expire_idle(self, now: float) -> int:
+        """Close idle connections past their idle timeout; returns how many."""
+        limit = now - self.idle_timeout_s
+        keep = [c for c in self._idle if c.idle_since >= limit]
+        n = len(self._idle) - len(keep)
+        if n:
+            for c in self._idle:
+                if c.idle_since < limit:
+                    c.transport.close()
+            self._idle[:] = keep
+        return n
+
+    def close(self) -> None:
+        self.closed = True
+        for c in self._idle:
+            c.transport.close()
+        self._idle.clear()
+        self._lot.unpark_all()
+
+    async def _open(self) -> UpstreamConn:
+        ep = self.endpoint
+        try:
+            with trio.fail_after(self.backend.connect_timeout_s):
+                transport = await self._connect()
+        except trio.TooSlowError:
+            raise UpstreamConnectError(ep, "connect timeout", timeout=True) from None
+        self._created += 1
+        return UpstreamConn(self, transport)
+
+    async def _connect(self) -> PlainTransport:
+        ep = self.endpoint
+        try:
+            infos = await trio.socket.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise UpstreamConnectError(ep, f"resolve failed: {e}") from None
+        last: Exception | None = None
+        for family, type_, proto, _, addr in infos:
+            tsock = trio.socket.socket(family, type_, proto)
+            try:
+                await tsock.connect(addr)
+            except OSError as e:
+                tsock.close()
+                last = e
+                continue
+            sock = socket.socket(family, type_, proto, fileno=tsock.detach())
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls_context is None:
+                return PlainTransport(sock)
+            tls = TLSTransport(
+                sock,
+                self.tls_context,
+                server_side=False,
+                server_hostname=self.backend.server_name or ep.host,
+            )
+            try:
+                await tls.handshake()
+            except (ssl.SSLError, OSError) as e:
+                tls.close()
+                raise UpstreamConnectError(ep, f"TLS handshake failed: {e}") from None
+            except BaseException:
+                tls.close()
+                raise
+            return tls
+        raise UpstreamConnectError(ep, f"connect failed: {last}")
