@@ -460,14 +460,17 @@ class Downstream:
                 if conn is None:
                     conn = await pool.acquire()
             except UpstreamConnectError as e:
-                gw.count_error("connect_timeout" if e.timeout else "connect_failed")
-                await self.send_error(
-                    504 if e.timeout else 502,
-                    "upstream_connect_timeout" if e.timeout else "upstream_unreachable",
-                    "could not connect to the function endpoint",
-                    rid,
-                    close=True,
-                )
+                if e.saturated:
+                    status, code = 503, "upstream_saturated"
+                    detail = "no connection to the function became available in time"
+                elif e.timeout:
+                    status, code = 504, "upstream_connect_timeout"
+                    detail = "connecting to the function timed out"
+                else:
+                    status, code = 502, "upstream_unreachable"
+                    detail = "could not connect to the function endpoint"
+                gw.count_error(code)
+                await self.send_error(status, code, detail, rid, close=True)
                 return None
             self.upconn = conn
             try:

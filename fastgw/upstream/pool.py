@@ -27,11 +27,14 @@ from fastgw.transport import PlainTransport, TLSTransport
 class UpstreamConnectError(Exception):
     """The gateway could not open a connection to an endpoint; nothing was sent."""
 
-    def __init__(self, endpoint: Endpoint, reason: str, *, timeout: bool = False) -> None:
+    def __init__(
+        self, endpoint: Endpoint, reason: str, *, timeout: bool = False, saturated: bool = False
+    ) -> None:
         super().__init__(f"{endpoint.url}: {reason}")
         self.endpoint = endpoint
         self.reason = reason
         self.timeout = timeout
+        self.saturated = saturated
 
 
 class UpstreamConn:
@@ -151,7 +154,14 @@ class Pool:
                     self._lot.unpark()
                     raise
             self._waits += 1
-            await self._lot.park()
+            # A saturated endpoint: wait for a release, at most the connect timeout
+            # (the caller answers 503: the function exists but has no capacity for us).
+            with trio.move_on_after(self.backend.connect_timeout_s) as waited:
+                await self._lot.park()
+            if waited.cancelled_caught:
+                raise UpstreamConnectError(
+                    self.endpoint, "no connection available (pool saturated)", saturated=True
+                )
 
     def release(self, conn: UpstreamConn, reusable: bool) -> None:
         self._busy -= 1
