@@ -26,6 +26,12 @@ Decisions, each tested:
 - Transfer-Encoding must be exactly ``chunked``; anything else is 501. With
   Content-Length it is 400; in an HTTP/1.0 request it is 400 (RFC 9112 6.1).
 - Leading empty lines before a request line are skipped (RFC 9112 2.2).
+- 414 is about the target alone (``max_target``), also while the request line is still
+  arriving; a method longer than ``max_target`` is 400. Whatever the split of the bytes
+  into reads, the same limit is reported (see ``_check_limits``).
+- Chunk extensions must follow RFC 9112 7.1.1 exactly (whitespace before the CR is
+  tolerated) and trailer lines must be field lines: the body goes upstream with its
+  framing as received.
 
 Errors raised: only the classes of ``fastgw.errors`` (each carries its status). Anything
 else escaping this module is a bug.
@@ -67,6 +73,9 @@ cdef enum:
     MAX_FIELDS_CAP = 256
 
 MAX_FIELDS_LIMIT = MAX_FIELDS_CAP
+
+cdef enum:
+    MAX_HEAD_CAP = 1 << 24
 
 # Field ids for the fields the gateway reads or rewrites itself.
 cdef enum:
@@ -240,8 +249,60 @@ cdef struct Scan:
     Py_ssize_t first_lf     # position of the first LF (end of the start line)
 
 
+# Size limits are checked so that the answer does not depend on how the head was split
+# into reads: each limit is a threshold on the number of bytes a reader has seen, and
+# when the bytes at hand already break two limits, the one a reader fed byte by byte
+# would have met first is reported. Without this, a whole head and the same head
+# trickled in could earn different statuses (414 against 431, 414 against 400).
+
+
+cdef Py_ssize_t _request_line_limit_at(const unsigned char* p, Py_ssize_t s, Py_ssize_t e,
+                                       Py_ssize_t max_target, int* kind) noexcept nogil:
+    """The request line seen so far is p[s:e] (``e`` is its LF when the line is
+    complete). Returns the buffer length at which the line first broke a limit, or -1.
+    ``kind`` 1: more than ``max_target`` bytes before the first SP, a method longer
+    than any acceptable target (400). ``kind`` 2: more than ``max_target`` bytes after
+    it without another SP (414). The limit is on the target, not the line (RFC 9112 3),
+    so a long method does not turn a target within the limit into a 414. Each memchr
+    is bounded by the limit, so a trickled line costs at most the limit squared."""
+    cdef Py_ssize_t w = max_target + 1
+    cdef const unsigned char* sp
+    cdef Py_ssize_t t
+    if e - s < w:
+        return -1
+    sp = <const unsigned char*>memchr(p + s, 0x20, w)
+    if sp == NULL:
+        kind[0] = 1
+        return s + w
+    t = (sp - p) + 1
+    if e - t < w or memchr(p + t, 0x20, w) != NULL:
+        return -1
+    kind[0] = 2
+    return t + w
+
+
+cdef int _check_limits(const unsigned char* p, Py_ssize_t start, Py_ssize_t s,
+                       Py_ssize_t e, Py_ssize_t max_head, Py_ssize_t max_target,
+                       bint first_line, bint is_request) except -1:
+    """Raise when the first ``e`` bytes of the buffer (the head starts at ``start``, the
+    start line at ``s``) already break a size limit, without having seen an end there."""
+    cdef int kind = 0
+    cdef Py_ssize_t at_line = -1
+    if is_request and first_line:
+        at_line = _request_line_limit_at(p, s, e, max_target, &kind)
+    if e - start > max_head and (at_line < 0 or start + max_head + 1 <= at_line):
+        if is_request:
+            raise HeadTooLarge("header block over %d bytes" % max_head)
+        raise BadResponse("response head over %d bytes" % max_head)
+    if at_line >= 0:
+        if kind == 1:
+            raise BadRequest("request method over %d bytes" % max_target)
+        raise URITooLong("request target over %d bytes" % max_target)
+    return 0
+
+
 cdef int _find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
-                        Py_ssize_t scan_from, Py_ssize_t max_head, Py_ssize_t max_line,
+                        Py_ssize_t scan_from, Py_ssize_t max_head, Py_ssize_t max_target,
                         bint is_request, Scan* out) except -1:
     """Pass one: find the blank line ending the head. Returns 1 when found, 0 when more
     bytes are needed. Raises on a bare LF or an exceeded size limit. Every LF before
@@ -253,45 +314,42 @@ cdef int _find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
         # the head size limit, so a stream of CRLFs cannot grow the buffer forever.
         while i + 1 < n and p[i] == 0x0D and p[i + 1] == 0x0A:
             i += 2
-    if i < n and p[i] == 0x0A:
-        _err(is_request, "bare LF line ending")
     out.head_start = i
+    # The start line is scanned from its beginning on every call: it is bounded by the
+    # limits below, so a trickled start line costs at most their square, not the head's.
     q = <const unsigned char*>memchr(p + i, 0x0A, n - i)
     if q == NULL:
-        if n - start > max_head:
-            if is_request:
-                raise HeadTooLarge("header block over %d bytes" % max_head)
-            raise BadResponse("response head over %d bytes" % max_head)
-        if is_request and n - i > max_line:
-            raise URITooLong("request line over %d bytes" % max_line)
+        _check_limits(p, start, out.head_start, n, max_head, max_target, True, is_request)
         return 0
     i = q - p
+    if i - out.head_start > max_target or i - start > max_head:
+        _check_limits(p, start, out.head_start, i, max_head, max_target, True, is_request)
     if i == out.head_start or p[i - 1] != 0x0D:
         _err(is_request, "bare LF line ending")
-    if is_request and i - out.head_start > max_line:
-        raise URITooLong("request line over %d bytes" % max_line)
     out.first_lf = i
     i += 1
+    if scan_from > n:
+        scan_from = n   # a stale hint must not send memchr past the buffer
     if scan_from > i:
         i = scan_from
     while True:
         q = <const unsigned char*>memchr(p + i, 0x0A, n - i)
         if q == NULL:
-            if n - start > max_head:
-                if is_request:
-                    raise HeadTooLarge("header block over %d bytes" % max_head)
-                raise BadResponse("response head over %d bytes" % max_head)
+            _check_limits(p, start, out.head_start, n, max_head, max_target, False,
+                          is_request)
             return 0
         i = q - p
+        if i - start > max_head:
+            _check_limits(p, start, out.head_start, i, max_head, max_target, False,
+                          is_request)
         if p[i - 1] != 0x0D:
             _err(is_request, "bare LF line ending")
         if p[i - 2] == 0x0A:
             # "\r\n\r\n": the LF at i-2 had its CR checked when it was found.
             out.head_end = i + 1
-            if out.head_end - start > max_head:
-                if is_request:
-                    raise HeadTooLarge("header block over %d bytes" % max_head)
-                raise BadResponse("response head over %d bytes" % max_head)
+            if i + 1 - start > max_head:
+                _check_limits(p, start, out.head_start, i + 1, max_head, max_target, False,
+                              is_request)
             return 1
         i += 1
 
@@ -310,6 +368,10 @@ cdef class Head:
     cdef Py_ssize_t conn_off
     cdef Py_ssize_t conn_len
     cdef readonly bint upgrade
+
+    def __init__(self, *args, **kwargs):
+        # A head without raw bytes would crash the accessors and the serializers.
+        raise TypeError("heads are made by parse_request_head / parse_response_head")
 
     def __dealloc__(self):
         if self.fields != NULL:
@@ -411,6 +473,8 @@ cdef class RequestHead(Head):
             return self.target
         if self.path_start >= len(self.target):
             return b"/"
+        if self.target[self.path_start] == 0x3F:   # "?": empty path before the query
+            return b"/" + self.target[self.path_start:]
         return self.target[self.path_start:]
 
     def __repr__(self):
@@ -494,6 +558,11 @@ cdef int _parse_fields(const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
             _err(is_request, "invalid character in field name")
         if ne == ns:
             _err(is_request, "empty field name")
+        if ne - ns > 0xFFFF:
+            # Field.name_len is 16 bits; only a max_head_bytes over 64 KiB gets here.
+            if is_request:
+                raise HeadTooLarge("field name over 65535 bytes")
+            raise BadResponse("field name over 65535 bytes")
         i += 1
         while p[i] == 0x20 or p[i] == 0x09:
             i += 1
@@ -672,6 +741,14 @@ cdef inline bint _names_ieq(const unsigned char* a, Py_ssize_t na, const unsigne
     return True
 
 
+cdef int _check_head_limit(Py_ssize_t max_head_bytes) except -1:
+    # Field offsets are uint32 and the limit arithmetic in pass one must not overflow;
+    # 16 MiB is some 500 times the 32 KiB default, far beyond any sane configuration.
+    if max_head_bytes < 1 or max_head_bytes > MAX_HEAD_CAP:
+        raise ValueError("max_head_bytes must be within 1..%d" % MAX_HEAD_CAP)
+    return 0
+
+
 cdef int _store_fields(Head h, Field* fields, int nf) except -1:
     if nf:
         h.fields = <Field*>PyMem_Malloc(nf * sizeof(Field))
@@ -704,14 +781,19 @@ def parse_request_head(buf, Py_ssize_t start=0, *, Py_ssize_t scan_from=0,
     cdef Py_ssize_t n, i, ms, me, ts, te, nf
     if max_fields > MAX_FIELDS_CAP or max_fields < 1:
         raise ValueError("max_fields must be within 1..%d" % MAX_FIELDS_CAP)
+    _check_head_limit(max_head_bytes)
+    if max_target < 1:
+        raise ValueError("max_target must be positive")
+    if max_target > max_head_bytes:
+        max_target = max_head_bytes   # no target is longer than its head; no overflow
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
         p = <const unsigned char*>view.buf
         n = view.len
         if start < 0 or start > n:
             raise ValueError("start out of range")
-        if not _find_head_end(p, start, n, scan_from, max_head_bytes, max_target + 14,
-                              True, &sc):
+        if not _find_head_end(p, start, n, scan_from, max_head_bytes, max_target, True,
+                              &sc):
             return None
         # Request line: method SP request-target SP HTTP-version (RFC 9112 3).
         i = sc.head_start
@@ -785,10 +867,10 @@ cdef int _classify_target(RequestHead h, const unsigned char* t, Py_ssize_t n,
         # RFC 9112 3.2.2: the target's authority replaces Host.
         h.host_off = (target_pos - head_start) + a
         h.host_len = i - a
+        # path-abempty may be empty, with or without a query: "http://h?q" is valid
+        # (RFC 3986 3.3) and means "/?q" in origin-form (RFC 9112 3.2.1); ``path``
+        # supplies the "/".
         h.path_start = i if i < n else n
-        if i < n and t[i] == b'?':
-            # "http://h?q" -> path "/?q" is not representable by slicing; keep it simple.
-            raise BadRequest("absolute-form target without a path")
         return 0
     if h.method == b"CONNECT":
         return 0   # authority-form; the router refuses CONNECT.
@@ -815,14 +897,14 @@ def parse_response_head(buf, Py_ssize_t start=0, *, bint request_was_head=False,
     cdef Py_ssize_t d1 = 0, d2 = 0
     if max_fields > MAX_FIELDS_CAP or max_fields < 1:
         raise ValueError("max_fields must be within 1..%d" % MAX_FIELDS_CAP)
+    _check_head_limit(max_head_bytes)
     PyObject_GetBuffer(buf, &view, PyBUF_SIMPLE)
     try:
         p = <const unsigned char*>view.buf
         n = view.len
         if start < 0 or start > n:
             raise ValueError("start out of range")
-        if not _find_head_end(p, start, n, scan_from, max_head_bytes, max_head_bytes,
-                              False, &sc):
+        if not _find_head_end(p, start, n, scan_from, max_head_bytes, 0, False, &sc):
             return None
         # status-line = HTTP-version SP status-code SP [ reason-phrase ]  (RFC 9112 4)
         i = sc.head_start
@@ -937,6 +1019,14 @@ cdef class StripSet:
 cdef bytes _EMPTY = b""
 
 
+cdef inline bint _appendable(Field* f) noexcept nogil:
+    """Whether a received X-Forwarded-For / Via value is carried into the one fastgw
+    appends to. Empty values are skipped (an empty list element means nothing, RFC 9110
+    5.6.1) and so are fields the sender's Connection named: those are hop-by-hop and
+    must not be forwarded in any form (RFC 9110 7.6.1)."""
+    return f.val_len != 0 and not (f.flags & F_CONN_LISTED)
+
+
 def build_request_head(RequestHead h not None, *, bytes target=None, bytes host not None,
                        bytes client_ip=None, bytes proto=None, bytes request_id=None,
                        bint xff_append=True, bytes via=None, bytes extra=None,
@@ -979,14 +1069,14 @@ def build_request_head(RequestHead h not None, *, bytes target=None, bytes host 
                 keep = False
             elif hid == H_X_FORWARDED_FOR:
                 keep = False
-                if xff_append and client_ip is not None:
+                if xff_append and client_ip is not None and _appendable(f):
                     if n_xff:
                         xff_prev += 2
                     xff_prev += f.val_len
                     n_xff += 1
             elif hid == H_VIA:
                 keep = False
-                if via is not None and f.val_len:
+                if via is not None and _appendable(f):
                     if n_via:
                         via_prev += 2
                     via_prev += f.val_len
@@ -1045,7 +1135,7 @@ def build_request_head(RequestHead h not None, *, bytes target=None, bytes host 
             k = 0
             for i in range(h.nfields):
                 f = &h.fields[i]
-                if f.hid == H_X_FORWARDED_FOR:
+                if f.hid == H_X_FORWARDED_FOR and _appendable(f):
                     if k:
                         w = _put(w, b", ", 2)
                     w = _put(w, p + f.val_off, f.val_len)
@@ -1071,7 +1161,7 @@ def build_request_head(RequestHead h not None, *, bytes target=None, bytes host 
             k = 0
             for i in range(h.nfields):
                 f = &h.fields[i]
-                if f.hid == H_VIA and f.val_len:
+                if f.hid == H_VIA and _appendable(f):
                     if k:
                         w = _put(w, b", ", 2)
                     w = _put(w, p + f.val_off, f.val_len)
@@ -1114,11 +1204,16 @@ def build_response_head(ResponseHead h not None, *, int body_kind=-1, bint close
         f = &h.fields[i]
         hid = f.hid
         keep = not (_is_hop_by_hop(hid) and not (hid == H_UPGRADE and h.status == 101))
+        if (hid == H_CONTENT_LENGTH and body_kind == K_NONE and h.body_kind == K_NONE
+                and h.status >= 200 and h.status != 204):
+            # A HEAD or 304 response states the length the body would have had (RFC
+            # 9110 8.6): relay it, it frames nothing.
+            keep = True
         if hid == H_PROXY_AUTHORIZATION:
             keep = True   # not a response field; copy as an ordinary one
         if hid == H_VIA and via is not None:
             keep = False
-            if f.val_len:
+            if _appendable(f):
                 if n_via:
                     via_prev += 2
                 via_prev += f.val_len
@@ -1180,7 +1275,7 @@ def build_response_head(ResponseHead h not None, *, int body_kind=-1, bint close
             k = 0
             for i in range(h.nfields):
                 f = &h.fields[i]
-                if f.hid == H_VIA and f.val_len:
+                if f.hid == H_VIA and _appendable(f):
                     if k:
                         w = _put(w, b", ", 2)
                     w = _put(w, p + f.val_off, f.val_len)
@@ -1200,20 +1295,39 @@ def build_response_head(ResponseHead h not None, *, int body_kind=-1, bint close
 
 cdef enum:
     S_SIZE = 0          # reading chunk-size hex digits (at least one seen when ndig > 0)
-    S_EXT = 1           # after the size: BWS / chunk-ext until CR
+    S_EXT = 1           # after the size: chunk-ext until CR (sub-state in ext_st)
     S_SIZE_LF = 2       # saw CR after the size line, need LF
     S_DATA = 3
     S_DATA_CR = 4
     S_DATA_LF = 5
     S_TRAILER_START = 6 # at the start of a trailer line (or the final CRLF)
-    S_TRAILER = 7       # inside a trailer line
+    S_TRAILER = 7       # inside a trailer field value
     S_TRAILER_LF = 8
     S_FINAL_LF = 9
     S_DONE = 10
+    S_TRAILER_NAME = 11 # inside a trailer field name
+    S_FAILED = 12       # raised once; every later call raises too
+
+# chunk-ext = *( BWS ";" BWS chunk-ext-name [ BWS "=" BWS chunk-ext-val ] )
+# chunk-ext-val = token / quoted-string  (RFC 9112 7.1.1). The body is forwarded with its
+# framing as received, so the grammar is enforced exactly: a next hop that reads a
+# sloppy size line differently ("5 abc", "5;=x") is a request-smuggling vector. The one
+# leniency is whitespace before the CR, which senders are known to emit and which no
+# reader can take for anything else.
+cdef enum:
+    X_BWS = 0           # after the size or a value: SP/HTAB, ";" or CR
+    X_NAME_BWS = 1      # after ";": SP/HTAB or the first tchar of a name
+    X_NAME = 2
+    X_AFTER_NAME = 3    # SP/HTAB after a name: "=", ";" or CR
+    X_VAL_BWS = 4       # after "=": SP/HTAB, a token or a quoted-string
+    X_VAL = 5
+    X_QUOTED = 6
+    X_QPAIR = 7         # after "\" inside a quoted-string
 
 # Size-line limit: chunk-size plus extensions. Nothing legitimate comes close; 4 KiB is
 # the order of magnitude of nginx's large_client_header_buffers for one line.
-DEF_MAX_CHUNK_LINE = 4096
+cdef enum:
+    DEF_MAX_CHUNK_LINE = 4096
 
 
 @cython.final
@@ -1224,9 +1338,10 @@ cdef class ChunkedReader:
     returns the position it stopped at: everything in between belongs to the body and
     may be forwarded as-is; it stops early only at the end of the body (``done``).
     ``decode`` does the same and also returns the chunk data bytes. Malformed framing
-    (bare LF, bad hex, a size over 2**60, a line over ``max_line`` bytes, trailers over
+    (bare LF, bad hex, a size of 16 hex digits or more, a chunk-ext outside RFC 9112
+    7.1.1, a line over ``max_line`` bytes, a malformed trailer field, trailers over
     ``max_trailer_bytes``, control characters) raises BadRequest (or BadResponse when
-    ``response`` is true).
+    ``response`` is true); the reader is then unusable.
     """
 
     cdef int state
@@ -1238,7 +1353,7 @@ cdef class ChunkedReader:
     cdef readonly Py_ssize_t max_trailer_bytes
     cdef bint response
     cdef readonly int64_t body_bytes
-    cdef unsigned char ext_quote   # 0 outside quotes, 1 in quoted-string, 2 after '\'
+    cdef unsigned char ext_st
 
     def __init__(self, *, Py_ssize_t max_line=DEF_MAX_CHUNK_LINE,
                  Py_ssize_t max_trailer_bytes=32768, bint response=False):
@@ -1246,21 +1361,78 @@ cdef class ChunkedReader:
         self.max_trailer_bytes = max_trailer_bytes
         self.response = response
         self.state = S_SIZE
+        self.remaining = 0
+        self.ndig = 0
+        self.line_len = 0
+        self.trailer_bytes = 0
+        self.body_bytes = 0
+        self.ext_st = X_BWS
 
     @property
     def done(self):
         return self.state == S_DONE
 
     cdef int _bad(self, str msg) except -1:
+        # Framing is in doubt from here on: never resume from a half-updated state.
+        self.state = S_FAILED
         if self.response:
             raise BadResponse(msg)
         raise BadRequest(msg)
+
+    cdef int _ext(self, unsigned char c) except -1:
+        """One byte of a chunk-ext; returns 1 at the CR ending the size line."""
+        cdef unsigned char x = self.ext_st
+        if x == X_QUOTED:
+            if c == b'"':
+                x = X_BWS
+            elif c == b'\\':
+                x = X_QPAIR
+            elif not (CLS[c] & C_VALUE):
+                self._bad("invalid character in chunk extension")
+        elif x == X_QPAIR:
+            if not (CLS[c] & C_VALUE):
+                self._bad("invalid character in chunk extension")
+            x = X_QUOTED
+        elif c == 0x20 or c == 0x09:
+            if x == X_NAME:
+                x = X_AFTER_NAME
+            elif x == X_VAL:
+                x = X_BWS
+        elif c == 0x0D:
+            if x == X_NAME_BWS or x == X_VAL_BWS:
+                self._bad("chunk extension without a name or value")
+            return 1
+        elif c == b';':
+            if x == X_NAME_BWS or x == X_VAL_BWS:
+                self._bad("chunk extension without a name or value")
+            x = X_NAME_BWS
+        elif c == b'=':
+            if x != X_NAME and x != X_AFTER_NAME:
+                self._bad("malformed chunk extension")
+            x = X_VAL_BWS
+        elif c == b'"':
+            if x != X_VAL_BWS:
+                self._bad("malformed chunk extension")
+            x = X_QUOTED
+        elif CLS[c] & C_TCHAR:
+            if x == X_NAME_BWS:
+                x = X_NAME
+            elif x == X_VAL_BWS:
+                x = X_VAL
+            elif x != X_NAME and x != X_VAL:
+                self._bad("malformed chunk extension")
+        else:
+            self._bad("invalid character in chunk extension")
+        self.ext_st = x
+        return 0
 
     cdef Py_ssize_t _run(self, const unsigned char* p, Py_ssize_t i, Py_ssize_t end,
                          list out) except -1:
         cdef unsigned char c
         cdef Py_ssize_t take
         cdef int st = self.state
+        if st == S_FAILED:
+            self._bad("chunked body already rejected")
         while i < end and st != S_DONE:
             c = p[i]
             if st == S_DATA:
@@ -1278,8 +1450,8 @@ cdef class ChunkedReader:
             i += 1
             if st == S_SIZE:
                 if CLS[c] & C_HEX:
+                    # 15 hex digits (under 2**60) keep the int64 arithmetic exact.
                     if self.ndig >= 15:
-                        self.state = st
                         self._bad("chunk size too large")
                     self.remaining = self.remaining * 16 + (
                         (c - 48) if c <= b'9' else ((c | 0x20) - 87))
@@ -1293,31 +1465,15 @@ cdef class ChunkedReader:
                 elif c == b';' or c == 0x20 or c == 0x09:
                     st = S_EXT
                     self.line_len += 1
-                    self.ext_quote = 0
+                    self.ext_st = X_NAME_BWS if c == b';' else X_BWS
                 else:
                     self._bad("malformed chunk size")
             elif st == S_EXT:
                 self.line_len += 1
                 if self.line_len > self.max_line:
                     self._bad("chunk size line too long")
-                if c == 0x0D and self.ext_quote == 0:
+                if self._ext(c):
                     st = S_SIZE_LF
-                elif self.ext_quote == 2:
-                    if not (CLS[c] & C_VALUE):
-                        self._bad("invalid character in chunk extension")
-                    self.ext_quote = 1
-                elif self.ext_quote == 1:
-                    if c == b'"':
-                        self.ext_quote = 0
-                    elif c == b'\\':
-                        self.ext_quote = 2
-                    elif not (CLS[c] & C_VALUE):
-                        self._bad("invalid character in chunk extension")
-                elif c == b'"':
-                    self.ext_quote = 1
-                elif not ((CLS[c] & C_TCHAR) or c == b';' or c == b'=' or c == 0x20
-                          or c == 0x09):
-                    self._bad("invalid character in chunk extension")
             elif st == S_SIZE_LF:
                 if c != 0x0A:
                     self._bad("chunk size line without CRLF")
@@ -1336,17 +1492,23 @@ cdef class ChunkedReader:
                     self._bad("chunk data not followed by CRLF")
                 st = S_SIZE
             elif st == S_TRAILER_START:
+                # trailer-section = *( field-line CRLF ) (RFC 9112 7.1.2), field-line as in
+                # a head (RFC 9112 5): a name, a colon, a value; no obs-fold.
                 if c == 0x0D:
                     st = S_FINAL_LF
-                elif c == 0x20 or c == 0x09 or not (CLS[c] & C_TCHAR):
-                    self._bad("malformed trailer field")
+                elif CLS[c] & C_TCHAR:
+                    st = S_TRAILER_NAME
+                    self._count_trailer()
                 else:
+                    self._bad("malformed trailer field")
+            elif st == S_TRAILER_NAME:
+                self._count_trailer()
+                if c == b':':
                     st = S_TRAILER
-                    self.trailer_bytes += 1
+                elif not (CLS[c] & C_TCHAR):
+                    self._bad("malformed trailer field")
             elif st == S_TRAILER:
-                self.trailer_bytes += 1
-                if self.trailer_bytes > self.max_trailer_bytes:
-                    self._bad("trailer section too large")
+                self._count_trailer()
                 if c == 0x0D:
                     st = S_TRAILER_LF
                 elif not (CLS[c] & C_VALUE):
@@ -1361,6 +1523,12 @@ cdef class ChunkedReader:
                 st = S_DONE
         self.state = st
         return i
+
+    cdef int _count_trailer(self) except -1:
+        self.trailer_bytes += 1
+        if self.trailer_bytes > self.max_trailer_bytes:
+            self._bad("trailer section too large")
+        return 0
 
     def scan(self, buf, Py_ssize_t start=0, Py_ssize_t end=-1):
         """Advance over ``buf[start:end]``; return where it stopped (see the class)."""
