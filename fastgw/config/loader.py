@@ -266,6 +266,7 @@ class _Builder:
         self._stack: list[tuple[str, str]] = []  # (realpath, display) of files being read
         self.root: str | None = None  # the root file's name, once it was read
         self.unread = False  # some included file could not be read or parsed
+        self.saw_listeners = False  # some file has a malformed "listeners" key
 
     def enter_root(self, display: str) -> None:
         """Make the root file the bottom of the include stack, for cycle detection."""
@@ -315,7 +316,10 @@ class _Builder:
                 pos = f"line {m.group('line')}, column {m.group('col')}"
                 self.problem(display, pos, f"invalid TOML: {m.group('msg')}")
             else:
-                self.problem(display, "end of file", f"invalid TOML: {m.group('msg')}")
+                last = len(text.splitlines()) or 1
+                self.problem(
+                    display, f"line {last} (end of file)", f"invalid TOML: {m.group('msg')}"
+                )
             return None
         return data
 
@@ -338,6 +342,8 @@ class _Builder:
             limits = _table(self, file, "limits", data.get("limits", {}))
             if limits is not None:
                 self._limits(file, limits)
+        if not isinstance(data.get("listeners", []), list):
+            self.saw_listeners = True  # malformed, reported: "no listeners" would only add noise
         listeners = _array_of_tables(self, file, "listeners", data.get("listeners", []))
         for i, item in enumerate(listeners):
             if item is not None:
@@ -450,7 +456,7 @@ class _Builder:
                 'set client_cert = "required" or "optional"',
             )
         if cert is not None and r.ok_key("tls_key_file"):
-            r.check_cert_chain("tls_cert_file", cert, key, ssl.PROTOCOL_TLS_SERVER)
+            r.check_cert_chain("tls_cert_file", cert, "tls_key_file", key, ssl.PROTOCOL_TLS_SERVER)
         if ca is not None:
             r.check_ca("client_ca_file", ca)
         obj = None
@@ -504,7 +510,9 @@ class _Builder:
         if "client_key_file" in t and "client_cert_file" not in t:
             r.bad("client_key_file", "client_key_file without client_cert_file; set both")
         if cert is not None and r.ok_key("client_key_file"):
-            r.check_cert_chain("client_cert_file", cert, key, ssl.PROTOCOL_TLS_CLIENT)
+            r.check_cert_chain(
+                "client_cert_file", cert, "client_key_file", key, ssl.PROTOCOL_TLS_CLIENT
+            )
         if ca is not None:
             r.check_ca("ca_file", ca)
         if (
@@ -617,7 +625,12 @@ class _Builder:
                     )
                 else:
                     prefixes[prefix] = item
-        if self.root is not None and not self.listeners and not self.unread:
+        if (
+            self.root is not None
+            and not self.listeners
+            and not self.unread
+            and not self.saw_listeners
+        ):
             self.problem(
                 self.root, "listeners", "no listeners: add at least one [[listeners]] table"
             )
@@ -762,23 +775,51 @@ class _Reader:
             return None
         return path
 
-    def check_cert_chain(self, key: str, cert: str, keyfile: str | None, protocol: int) -> None:
-        """Load a certificate (+ key) the way the server or client will."""
-        ctx = ssl.SSLContext(protocol)
-        try:
-            ctx.load_cert_chain(cert, keyfile, password=_no_password)
-        except _EncryptedKey:
-            self.bad(key, "private key is encrypted; passphrase-protected keys are not supported")
-        except ssl.SSLError as e:
-            what = "certificate and key" if keyfile else "certificate and key (in the same file)"
-            self.bad(key, f"cannot load {what}: {_ssl_reason(e)}")
+    def check_cert_chain(
+        self, cert_key: str, cert: str, key_key: str, keyfile: str | None, protocol: int
+    ) -> None:
+        """Load a certificate (+ key) the way the server or client will. The PEM markers
+        are looked at first because OpenSSL says only "PEM lib" for most mistakes."""
+        cert_pem = _read_latin1(cert)
+        if _PEM_CERT not in cert_pem:
+            self.bad(cert_key, f"no PEM certificate in {cert}")
+        elif keyfile is None and _PEM_KEY not in cert_pem:
+            self.bad(cert_key, f"no private key in {cert}; set {key_key} or add the key to it")
+        elif keyfile is not None and _PEM_KEY not in _read_latin1(keyfile):
+            self.bad(key_key, f"no PEM private key in {keyfile}")
+        else:
+            ctx = ssl.SSLContext(protocol)
+            try:
+                ctx.load_cert_chain(cert, keyfile, password=_no_password)
+            except _EncryptedKey:
+                where = key_key if keyfile else cert_key
+                self.bad(
+                    where, "private key is encrypted; passphrase-protected keys are not supported"
+                )
+            except ssl.SSLError as e:
+                self.bad(cert_key, f"cannot load certificate and key: {_ssl_reason(e)}")
 
     def check_ca(self, key: str, path: str) -> None:
+        if _PEM_CERT not in _read_latin1(path):
+            self.bad(key, f"no PEM certificate in {path}")
+            return
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         try:
             ctx.load_verify_locations(cafile=path)
         except ssl.SSLError as e:
             self.bad(key, f"cannot load CA certificates: {_ssl_reason(e)}")
+
+
+_PEM_CERT = "-----BEGIN CERTIFICATE-----"
+_PEM_KEY = "PRIVATE KEY-----"  # "BEGIN PRIVATE KEY", "BEGIN RSA PRIVATE KEY", "BEGIN EC ..."
+
+
+def _read_latin1(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode("latin-1")
+    except OSError:
+        return ""  # reported already, when the path was checked
 
 
 class _EncryptedKey(Exception):
@@ -791,8 +832,11 @@ def _no_password() -> str:
 
 
 def _ssl_reason(e: ssl.SSLError) -> str:
-    reason = e.reason or (e.args[1] if len(e.args) > 1 else str(e))
-    return str(reason).replace("_", " ").lower()
+    """``KEY_VALUES_MISMATCH`` -> "key values mismatch"; drop OpenSSL's source locations."""
+    if e.reason:
+        return str(e.reason).replace("_", " ").lower()
+    text = str(e.args[1] if len(e.args) > 1 else e)
+    return re.sub(r"^\[\w+\]\s*|\s*\(_ssl\.c:\d+\)$", "", text)
 
 
 # --- small helpers -------------------------------------------------------------------
@@ -841,13 +885,19 @@ def _unknown_key(key: str, known: tuple[str, ...]) -> str:
 
 def _unknown_name(kind: str, name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-    hint = f"; did you mean {_q(close[0])}?" if close else ""
-    if kind == "key":
-        return f"unknown key {_q(name)}{hint}"
-    if not hint and known:
+    if not close and len(name) >= 3:
+        # "xff" -> "xff_append", "timeout" -> the three *timeout* keys.
+        close = [k for k in known if name in k][:3]
+    if len(close) == 1:
+        hint = f"; did you mean {_q(close[0])}?"
+    elif close:
+        hint = f"; did you mean one of {', '.join(map(_q, close))}?"
+    elif kind != "key" and known:
         hint = f" (known: {', '.join(known)})"
-    elif not known:
+    elif kind != "key":
         hint = f" (no {kind}s are defined)"
+    else:
+        hint = ""
     return f"unknown {kind} {_q(name)}{hint}"
 
 
