@@ -60,6 +60,12 @@ async def serve_demo_function(
     free port). Raises OSError if the address cannot be bound.
     """
     listeners = await trio.open_tcp_listeners(port, host=host)
+    if port == 0 and len(listeners) > 1:
+        # A name like "localhost" can bind IPv4 and IPv6 on two different free ports;
+        # serve one so the reported port is the port.
+        for extra in listeners[1:]:
+            await extra.aclose()
+        del listeners[1:]
     bound_port = listeners[0].socket.getsockname()[1]
     task_status.started((host, bound_port))
     await trio.serve_listeners(_serve_connection, listeners)

@@ -86,6 +86,13 @@ async def test_started_reports_the_bound_port(demo: tuple[str, int]) -> None:
     assert port > 0
 
 
+async def test_a_host_name_serves_on_the_reported_port(nursery: trio.Nursery) -> None:
+    host, port = await nursery.start(serve_demo_function, "localhost")
+    async with await trio.open_tcp_stream(host, port) as stream:
+        response, data = await Client(stream).request("GET", "/by-name")
+    assert (response.status_code, data["path"]) == (200, "/by-name")
+
+
 async def test_echoes_the_request_as_json(client: Client) -> None:
     response, data = await client.request(
         "POST",

@@ -1129,6 +1129,19 @@ def test_config_from_dict(certs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.listeners[0].tls_cert_file == str(certs / "server.pem")
 
 
+def test_config_from_dict_includes_resolve_against_the_current_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(tmp_path / "conf" / "routes.toml", section("[[routes]]", ROUTE, {}))
+    monkeypatch.chdir(tmp_path)
+    data = {
+        "include": ["conf/routes.toml"],
+        "listeners": [{"name": "a", "address": "127.0.0.1:0"}],
+        "backends": {"fn": {"endpoints": ["http://127.0.0.1:9000"]}},
+    }
+    assert config_from_dict(data).routes == (RouteConfig(name="all", backend="fn"),)
+
+
 def test_config_from_dict_problems_name_the_source() -> None:
     with pytest.raises(ConfigError) as info:
         config_from_dict({"listeners": [{"name": "x", "address": "nowhere"}]}, source="app")
