@@ -1,11 +1,15 @@
 """One client connection: read heads, run exchanges in order, keep alive, time out.
 
 Strategy. One trio task per connection, on a raw non-blocking socket (see transport.py).
-The task owns one cancel scope for the whole connection; instead of opening a scope per
-wait it moves that scope's deadline as the connection changes phase (idle, reading a
-head, reading a body, waiting for the upstream, streaming the response), and records the
-phase, so that when the deadline fires the edge knows what to answer: 408 for a slow
-head or body, 504 for a slow upstream, a quiet close when idle, an abort mid-response.
+The task owns one cancel scope for the whole connection. Timeouts do not move that
+scope's deadline (each move costs trio a deadline-heap update, several per request):
+the connection keeps a plain ``deadline`` float and its phase (idle, reading a head,
+reading a body, waiting for the upstream, streaming the response), computed from the
+gateway's coarse clock ``gw.now``; the gateway's watchdog task cancels the scope of any
+connection past its deadline (HAProxy keeps timers the same way, against a clock read
+once per loop). When it fires the edge knows from the phase what to answer: 408 for a
+slow head or body, 504 for a slow upstream, a quiet close when idle, an abort
+mid-response. Timeouts fire up to two watchdog ticks late, never early.
 
 Per exchange the core is called to parse the head, build the upstream head, parse the
 response head and build the downstream head; bodies are streamed in pieces of at most
@@ -108,6 +112,7 @@ def error_response(status: int, code: str, detail: str, rid: bytes, *, close: bo
 class Downstream:
     __slots__ = (
         "answered",
+        "deadline",
         "gw",
         "idle",
         "peer_ip",
@@ -126,6 +131,7 @@ class Downstream:
         self.peer_ip = peer_ip
         self.proto = proto
         self.scope: trio.CancelScope | None = None
+        self.deadline = float("inf")
         self.phase = IDLE
         self.idle = True
         self.requests = 0
@@ -163,15 +169,14 @@ class Downstream:
                     return
                 data = t.recv_nowait()
                 if data is None:
-                    now = trio.current_time()
                     if pos >= len(buf):
                         self.phase = IDLE
                         self.idle = True
-                        scope.deadline = now + lim.idle_timeout_s
+                        self.deadline = gw.now + lim.idle_timeout_s
                     else:
                         self.phase = HEAD
-                        scope.deadline = head_deadline
-                    data = await t.recv()
+                        self.deadline = head_deadline
+                    data = await t.recv_after_wait()
                     self.idle = False
                 if not data:
                     return
@@ -182,7 +187,7 @@ class Downstream:
                 else:
                     buf = data
                     scan_from = 0
-                    head_deadline = trio.current_time() + lim.head_timeout_s
+                    head_deadline = gw.now + lim.head_timeout_s
                 pos = 0
                 continue
             self.idle = False
@@ -200,7 +205,7 @@ class Downstream:
             if pos >= len(buf):
                 buf = b""
                 pos = 0
-            head_deadline = trio.current_time() + lim.head_timeout_s
+            head_deadline = gw.now + lim.head_timeout_s
 
     # -- one exchange -------------------------------------------------------------------
 
@@ -247,9 +252,8 @@ class Downstream:
         )
         scope = self.scope
         assert scope is not None
-        now = trio.current_time()
         bcfg = backend.config
-        deadline_total = now + bcfg.total_timeout_s
+        deadline_total = gw.now + bcfg.total_timeout_s
 
         # Body bytes already buffered go out with the head.
         reader = None
@@ -283,7 +287,7 @@ class Downstream:
         # Connect (or reuse) and send the head; a reused connection that turns out dead
         # before anything could reach the function is replaced once, whatever the method.
         self.phase = UPSTREAM
-        scope.deadline = deadline_total
+        self.deadline = deadline_total
         conn = await self._send_first(pool, first, rid)
         if conn is None:
             return buf, pos, False
@@ -314,14 +318,15 @@ class Downstream:
 
         # Response head.
         self.phase = UPSTREAM
-        scope.deadline = min(deadline_total, trio.current_time() + bcfg.first_byte_timeout_s)
+        fb = gw.now + bcfg.first_byte_timeout_s
+        self.deadline = fb if fb < deadline_total else deadline_total
         is_head = head.method == b"HEAD"
         ubuf = b""
         upos = 0
         uscan = 0
         try:
             while True:
-                data = await ut.recv()
+                data = await ut.recv_after_wait()
                 if not data:
                     raise UpstreamFailed(502, "upstream_closed",
                                          "upstream closed the connection without a response",
@@ -370,7 +375,8 @@ class Downstream:
             via=state.via,
         )
         self.phase = RESPONSE
-        scope.deadline = min(deadline_total, trio.current_time() + lim.body_timeout_s)
+        bt = gw.now + lim.body_timeout_s
+        self.deadline = bt if bt < deadline_total else deadline_total
         reusable = rh.keep_alive
         try:
             if ukind == BODY_NONE:
@@ -412,7 +418,8 @@ class Downstream:
                 self.answered = True
                 await t.send_all(out_head + ubuf[upos:] if upos < len(ubuf) else out_head)
                 while True:
-                    scope.deadline = min(deadline_total, trio.current_time() + lim.body_timeout_s)
+                    bt = gw.now + lim.body_timeout_s
+                    self.deadline = bt if bt < deadline_total else deadline_total
                     data = await ut.recv()
                     if not data:
                         break
@@ -437,16 +444,15 @@ class Downstream:
             gw.count_error("stream_reset")
             t.abort()
             return buf, pos, False
-        pool.release(conn, reusable)
+        pool.release(conn, reusable, gw.now)
         self.upconn = None
         self.phase = DONE
         gw.count_response(rh.status)
         return buf, pos, keep
 
     async def _upstream_piece(self, ut: PlainTransport, deadline_total: float, lim) -> bytes:  # type: ignore[no-untyped-def]
-        scope = self.scope
-        assert scope is not None
-        scope.deadline = min(deadline_total, trio.current_time() + lim.body_timeout_s)
+        bt = self.gw.now + lim.body_timeout_s
+        self.deadline = bt if bt < deadline_total else deadline_total
         data = await ut.recv()
         if not data:
             raise UpstreamFailed(502, "upstream_closed", "upstream closed mid-response", sent=True)
@@ -456,7 +462,7 @@ class Downstream:
         gw = self.gw
         for attempt in (0, 1):
             try:
-                conn = pool.acquire_idle_nowait(trio.current_time())
+                conn = pool.acquire_idle_nowait(gw.now)
                 if conn is None:
                     conn = await pool.acquire()
             except UpstreamConnectError as e:
@@ -494,12 +500,11 @@ class Downstream:
         """Client -> upstream until the body ends; returns (buf, pos) with what the client
         sent after the body (the next pipelined request)."""
         t = self.t
-        scope = self.scope
-        assert scope is not None
+        gw = self.gw
         total = 0
         max_body = lim.max_body_bytes
         while True:
-            scope.deadline = trio.current_time() + lim.body_timeout_s
+            self.deadline = gw.now + lim.body_timeout_s
             data = await t.recv()
             if not data:
                 raise ClientGone()

@@ -37,6 +37,10 @@ from fastgw.upstream.backend import Backend
 
 log = logging.getLogger("fastgw")
 
+# 0.1 s: timeouts here are seconds long; a tenth of a second is well inside their
+# tolerance and costs one pass over the connections ten times a second.
+WATCHDOG_TICK_S = 0.1
+
 # Fields a client may never set towards a function: Expect is answered by the gateway
 # itself (it sends 100 Continue when it is ready for the body).
 _ALWAYS_STRIP = (b"expect",)
@@ -89,6 +93,9 @@ class Gateway:
         self._no_connections = trio.Event()
         self._no_connections.set()
         self._listen_socks: list[socket.socket] = []
+        # The coarse clock every connection computes its deadlines from; the watchdog
+        # advances it each tick.
+        self.now = 0.0
         self.addresses: list[tuple[str, int]] = []
 
     @classmethod
@@ -145,7 +152,8 @@ class Gateway:
                 self._nursery = nursery
                 for sock, lc, ctx in socks:
                     nursery.start_soon(self._accept_loop, sock, lc, ctx, limiter, nursery)
-                nursery.start_soon(self._reaper)
+                self.now = trio.current_time()
+                nursery.start_soon(self._watchdog)
                 task_status.started(list(self.addresses))
         finally:
             for s in self._listen_socks:
@@ -171,14 +179,24 @@ class Gateway:
             return True
         return False
 
-    async def _reaper(self) -> None:
-        """Close pooled connections past their idle timeout, so sockets do not linger
-        until the next request notices."""
+    async def _watchdog(self) -> None:
+        """Advance the coarse clock, cancel connections past their deadline, and once a
+        second close pooled connections past their idle timeout (so sockets do not
+        linger until the next request notices)."""
+        ticks = 0
         while True:
-            await trio.sleep(1.0)
-            now = trio.current_time()
-            for b in self.state.backends.values():
-                b.expire_idle(now)
+            await trio.sleep(WATCHDOG_TICK_S)
+            now = self.now = trio.current_time()
+            # A deadline computed from the coarse clock may be up to one tick early:
+            # give it one more tick, so a timeout is never shorter than configured.
+            late = now - WATCHDOG_TICK_S
+            for d in self.connections:
+                if d.deadline <= late and d.scope is not None:
+                    d.scope.cancel()
+            ticks += 1
+            if ticks % 10 == 0:
+                for b in self.state.backends.values():
+                    b.expire_idle(now)
 
     async def _accept_loop(
         self,
@@ -236,7 +254,7 @@ class Gateway:
                 d.scope = scope
                 try:
                     if ctx is not None:
-                        scope.deadline = trio.current_time() + self.state.limits.head_timeout_s
+                        d.deadline = self.now + self.state.limits.head_timeout_s
                         try:
                             await t.handshake()  # type: ignore[attr-defined]
                         except (ssl.SSLError, OSError):

@@ -44,6 +44,17 @@ class PlainTransport:
             except BlockingIOError:
                 await wait_readable(sock)
 
+    async def recv_after_wait(self, n: int = RECV_BYTES) -> bytes:
+        """Like ``recv`` but waits first: for when a read was just tried, or when the
+        peer cannot have answered yet. Saves the system call that would fail."""
+        sock = self.sock
+        while True:
+            await wait_readable(sock)
+            try:
+                return sock.recv(n)
+            except BlockingIOError:
+                pass
+
     def recv_nowait(self, n: int = RECV_BYTES) -> bytes | None:
         """Bytes if the kernel has some (``b""`` at EOF), None if a read would block."""
         try:
@@ -172,6 +183,10 @@ class TLSTransport(PlainTransport):
             if self._out.pending:
                 await self._flush()
             return data
+
+    async def recv_after_wait(self, n: int = RECV_BYTES) -> bytes:
+        # Decrypted bytes may already sit in the TLS buffers: never wait before reading.
+        return await self.recv(n)
 
     def recv_nowait(self, n: int = RECV_BYTES) -> bytes | None:
         obj = self._obj

@@ -163,11 +163,11 @@ class Pool:
                     self.endpoint, "no connection available (pool saturated)", saturated=True
                 )
 
-    def release(self, conn: UpstreamConn, reusable: bool) -> None:
+    def release(self, conn: UpstreamConn, reusable: bool, now: float | None = None) -> None:
         self._busy -= 1
         conn.exchanges += 1
         if reusable and not self.closed and not conn.transport.closed:
-            conn.idle_since = trio.current_time()
+            conn.idle_since = trio.current_time() if now is None else now
             self._idle.append(conn)
         else:
             conn.transport.close()

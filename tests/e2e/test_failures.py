@@ -149,7 +149,7 @@ async def test_slowloris_trickle_still_times_out(nursery: trio.Nursery, autojump
         pass
     raw = await c.read_raw_until_close()
     assert raw.startswith(b"HTTP/1.1 408 ") or raw == b""
-    assert trio.current_time() - t0 < 5.0
+    assert trio.current_time() - t0 < 7.0  # not 100 s: the deadline is per head
 
 
 async def test_body_timeout_is_408(nursery: trio.Nursery, autojump_clock: MockClock) -> None:
