@@ -27,7 +27,7 @@ Decisions, each tested:
   Content-Length it is 400; in an HTTP/1.0 request it is 400 (RFC 9112 6.1).
 - Leading empty lines before a request line are skipped (RFC 9112 2.2).
 - 414 is about the target alone (``max_target``), also while the request line is still
-  arriving; a method longer than ``max_target`` is 400. Whatever the split of the bytes
+  arriving; a method over 1 KiB is 400. Whatever the split of the bytes
   into reads, the same limit is reported (see ``_check_limits``).
 - Chunk extensions must follow RFC 9112 7.1.1 exactly (whitespace before the CR is
   tolerated) and trailer lines must be field lines: the body goes upstream with its
@@ -256,29 +256,35 @@ cdef struct Scan:
 # trickled in could earn different statuses (414 against 431, 414 against 400).
 
 
+# A method longer than this is refused (400) while the request line arrives, which bounds
+# the scan for its SP. The longest registered method (IANA HTTP Method Registry) has 17
+# characters; 1 KiB is far above anything a client sends.
+cdef enum:
+    MAX_METHOD = 1024
+
+
 cdef Py_ssize_t _request_line_limit_at(const unsigned char* p, Py_ssize_t s, Py_ssize_t e,
                                        Py_ssize_t max_target, int* kind) noexcept nogil:
     """The request line seen so far is p[s:e] (``e`` is its LF when the line is
     complete). Returns the buffer length at which the line first broke a limit, or -1.
-    ``kind`` 1: more than ``max_target`` bytes before the first SP, a method longer
-    than any acceptable target (400). ``kind`` 2: more than ``max_target`` bytes after
-    it without another SP (414). The limit is on the target, not the line (RFC 9112 3),
-    so a long method does not turn a target within the limit into a 414. Each memchr
-    is bounded by the limit, so a trickled line costs at most the limit squared."""
-    cdef Py_ssize_t w = max_target + 1
+    ``kind`` 1: more than MAX_METHOD bytes before the first SP (400). ``kind`` 2: more
+    than ``max_target`` bytes after it without another SP (414). The limit is on the
+    target, not the line (RFC 9112 3), so a long method does not turn a target within
+    the limit into a 414. Each memchr is bounded by a limit, so a trickled line costs at
+    most the limit squared."""
     cdef const unsigned char* sp
     cdef Py_ssize_t t
-    if e - s < w:
-        return -1
-    sp = <const unsigned char*>memchr(p + s, 0x20, w)
+    sp = <const unsigned char*>memchr(p + s, 0x20, min(e - s, <Py_ssize_t>MAX_METHOD + 1))
     if sp == NULL:
-        kind[0] = 1
-        return s + w
+        if e - s > MAX_METHOD:
+            kind[0] = 1
+            return s + MAX_METHOD + 1
+        return -1
     t = (sp - p) + 1
-    if e - t < w or memchr(p + t, 0x20, w) != NULL:
+    if e - t <= max_target or memchr(p + t, 0x20, max_target + 1) != NULL:
         return -1
     kind[0] = 2
-    return t + w
+    return t + max_target + 1
 
 
 cdef int _check_limits(const unsigned char* p, Py_ssize_t start, Py_ssize_t s,
@@ -296,7 +302,7 @@ cdef int _check_limits(const unsigned char* p, Py_ssize_t start, Py_ssize_t s,
         raise BadResponse("response head over %d bytes" % max_head)
     if at_line >= 0:
         if kind == 1:
-            raise BadRequest("request method over %d bytes" % max_target)
+            raise BadRequest("request method over %d bytes" % MAX_METHOD)
         raise URITooLong("request target over %d bytes" % max_target)
     return 0
 
@@ -309,6 +315,8 @@ cdef int _find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
     ``scan_from`` must have been checked by an earlier call on the same head."""
     cdef Py_ssize_t i = start
     cdef const unsigned char* q
+    # Below this many bytes the start line cannot break a limit (see _check_limits).
+    cdef Py_ssize_t line_cap = min(<Py_ssize_t>MAX_METHOD, max_target + 1)
     if is_request:
         # RFC 9112 2.2: ignore empty lines before a request line. They count against
         # the head size limit, so a stream of CRLFs cannot grow the buffer forever.
@@ -322,7 +330,7 @@ cdef int _find_head_end(const unsigned char* p, Py_ssize_t start, Py_ssize_t n,
         _check_limits(p, start, out.head_start, n, max_head, max_target, True, is_request)
         return 0
     i = q - p
-    if i - out.head_start > max_target or i - start > max_head:
+    if i - out.head_start > line_cap or i - start > max_head:
         _check_limits(p, start, out.head_start, i, max_head, max_target, True, is_request)
     if i == out.head_start or p[i - 1] != 0x0D:
         _err(is_request, "bare LF line ending")
@@ -678,12 +686,16 @@ cdef int _apply_framing(Head h, const unsigned char* p, bint is_request,
                         _mark_conn_listed(h, p, p + ts, e2 - ts)
                 k += 1
         elif f.hid == H_HOST:
+            # Host is a request field (RFC 9110 7.2); in a response it is just a field,
+            # and a 400-style check there would turn a valid answer into a 502.
+            if not is_request:
+                continue
             n_host += 1
             host_off[0] = s
             host_len[0] = e - s
             for k in range(s, e):
                 if not (CLS[p[k]] & C_HOST):
-                    _err(is_request, "invalid character in Host")
+                    raise BadRequest("invalid character in Host")
         elif f.hid == H_EXPECT:
             if _token_ieq(p + s, e - s, b"100-continue", 12):
                 expect_continue[0] = True
