@@ -61,6 +61,9 @@ _VALID_RID = re.compile(rb"[A-Za-z0-9._:\-]{1,128}")
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
+# RFC 9110 9.2.2: methods whose repetition has the effect of one request.
+_IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
 _REASONS = {
     400: "Bad Request",
     404: "Not Found",
@@ -88,6 +91,14 @@ class UpstreamFailed(Exception):
         self.code = code
         self.detail = detail
         self.sent = sent
+
+
+class _NothingBack(UpstreamFailed):
+    """The upstream connection ended before any byte of a response."""
+
+    def __init__(self) -> None:
+        super().__init__(502, "upstream_closed",
+                         "upstream closed the connection without a response", sent=True)
 
 
 class ClientGone(Exception):
@@ -222,12 +233,15 @@ class Downstream:
                                   close=kind != BODY_NONE)
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         route, path = matched
-        if kind == BODY_LENGTH and lim.max_body_bytes and head.content_length > lim.max_body_bytes:
-            gw.count_error("body_too_large")
-            await self.send_error(413, "body_too_large",
-                                  f"request body over {lim.max_body_bytes} bytes", rid, close=True)
-            return buf, pos, False
-        if head.method == b"CONNECT" or head.upgrade:
+        method = head.method
+        if kind:
+            if kind == BODY_LENGTH and lim.max_body_bytes and head.content_length > lim.max_body_bytes:
+                gw.count_error("body_too_large")
+                await self.send_error(413, "body_too_large",
+                                      f"request body over {lim.max_body_bytes} bytes", rid,
+                                      close=True)
+                return buf, pos, False
+        if head.upgrade or method == b"CONNECT":
             gw.count_error("method_not_supported")
             await self.send_error(501 if head.upgrade else 405, "not_supported",
                                   "CONNECT and protocol upgrades are not supported", rid,
@@ -236,12 +250,12 @@ class Downstream:
 
         backend = route.backend
         pool = backend.pick()
-        target = path
-        if pool.path_prefix:
-            target = pool.path_prefix + (path[1:] if path == b"/" or path.startswith(b"/?") else path)
+        prefix = pool.path_prefix
+        if prefix:
+            path = prefix + (path[1:] if path == b"/" or path.startswith(b"/?") else path)
         up_head = build_request_head(
             head,
-            target=target,
+            target=path,
             host=pool.host_header,
             client_ip=self.peer_ip,
             proto=self.proto,
@@ -250,15 +264,15 @@ class Downstream:
             via=state.via,
             strip=state.strip,
         )
-        scope = self.scope
-        assert scope is not None
         bcfg = backend.config
         deadline_total = gw.now + bcfg.total_timeout_s
 
         # Body bytes already buffered go out with the head.
         reader = None
         remaining = 0
-        if kind == BODY_LENGTH:
+        if kind == BODY_NONE:
+            first = up_head
+        elif kind == BODY_LENGTH:
             remaining = head.content_length
             avail = len(buf) - pos
             if avail > remaining:
@@ -268,7 +282,7 @@ class Downstream:
             remaining -= avail
             if remaining and head.expect_continue and avail == 0:
                 await t.send_all(_CONTINUE)
-        elif kind == BODY_CHUNKED:
+        else:
             reader = ChunkedReader(max_trailer_bytes=lim.max_head_bytes)
             end = reader.scan(buf, pos)
             if lim.max_body_bytes and reader.body_bytes > lim.max_body_bytes:
@@ -281,20 +295,34 @@ class Downstream:
             if not reader.done and end == len(buf) and end == pos and head.expect_continue:
                 await t.send_all(_CONTINUE)
             pos = end
-        else:
-            first = up_head
+        # Whether the whole request is in ``first``: only then can it be sent again.
+        replayable = not remaining and (reader is None or reader.done)
+        idempotent = method in _IDEMPOTENT
 
-        # Connect (or reuse) and send the head; a reused connection that turns out dead
-        # before anything could reach the function is replaced once, whatever the method.
         self.phase = UPSTREAM
         self.deadline = deadline_total
-        conn = await self._send_first(pool, first, rid)
-        if conn is None:
-            return buf, pos, False
+        # Fast path: a pooled connection and one send. A connection idle for a moment
+        # is not checked for a FIN first (a system call per request); if the function's
+        # front end closed it, nothing comes back and an idempotent request is replayed.
+        conn = pool.acquire_idle_nowait(gw.now, not idempotent)
+        sent = False
+        if conn is not None:
+            self.upconn = conn
+            try:
+                await conn.transport.send_all(first)
+                sent = True
+            except OSError:
+                pool.release(conn, False)
+                self.upconn = None
+                gw.count_error("dead_pooled_connection")
+        if not sent:
+            conn = await self._connect_and_send(pool, first, rid)
+            if conn is None:
+                return buf, pos, False
         ut = conn.transport
 
         # Stream the rest of the request body, client -> upstream.
-        if remaining or (reader is not None and not reader.done):
+        if not replayable:
             self.phase = BODY
             try:
                 buf, pos = await self._stream_request_body(ut, reader, remaining, lim)
@@ -320,34 +348,23 @@ class Downstream:
         self.phase = UPSTREAM
         fb = gw.now + bcfg.first_byte_timeout_s
         self.deadline = fb if fb < deadline_total else deadline_total
-        is_head = head.method == b"HEAD"
-        ubuf = b""
-        upos = 0
-        uscan = 0
+        is_head = method == b"HEAD"
         try:
-            while True:
-                data = await ut.recv_after_wait()
-                if not data:
-                    raise UpstreamFailed(502, "upstream_closed",
-                                         "upstream closed the connection without a response",
-                                         sent=True)
-                if upos < len(ubuf):
-                    old = len(ubuf) - upos
-                    ubuf = ubuf[upos:] + data
-                    uscan = old - 3 if old > 3 else 0
-                else:
-                    ubuf = data
-                    uscan = 0
-                upos = 0
-                while True:
-                    rh = parse_response_head(ubuf, upos, request_was_head=is_head,
-                                             scan_from=uscan)
-                    if rh is None or rh.status >= 200 or rh.status == 101:
-                        break
-                    upos += rh.head_len  # 1xx interim responses are not relayed
-                    uscan = 0
-                if rh is not None:
-                    break
+            try:
+                rh, ubuf, upos = await self._response_head(ut, is_head)
+            except _NothingBack:
+                if not (replayable and idempotent and conn.exchanges > 0):
+                    raise
+                # A reused connection that the function's side had closed: the request
+                # never reached it. Once more on a fresh connection.
+                pool.release(conn, False)
+                self.upconn = None
+                gw.count_error("dead_pooled_connection")
+                conn = await self._connect_and_send(pool, first, rid)
+                if conn is None:
+                    return buf, pos, False
+                ut = conn.transport
+                rh, ubuf, upos = await self._response_head(ut, is_head)
         except (ProtocolError, UpstreamFailed, OSError) as e:
             pool.release(conn, False)
             self.upconn = None
@@ -360,7 +377,6 @@ class Downstream:
             gw.count_error(code)
             await self.send_error(502, code, detail, rid, close=True)
             return buf, pos, False
-        upos += rh.head_len
 
         # Response head and body, upstream -> client.
         keep = head.keep_alive and not gw.draining
@@ -378,34 +394,35 @@ class Downstream:
         bt = gw.now + lim.body_timeout_s
         self.deadline = bt if bt < deadline_total else deadline_total
         reusable = rh.keep_alive
+        self.answered = True
         try:
-            if ukind == BODY_NONE:
-                self.answered = True
+            if ukind == BODY_LENGTH:
+                left = rh.content_length
+                avail = len(ubuf) - upos
+                if avail >= left:
+                    # The whole body came with the head: the common case for functions.
+                    if avail > left:
+                        reusable = False
+                    await t.send_all(out_head + ubuf[upos : upos + left] if left else out_head)
+                else:
+                    await t.send_all(out_head + ubuf[upos:] if avail else out_head)
+                    left -= avail
+                    while left:
+                        data = await self._upstream_piece(ut, deadline_total, lim)
+                        if len(data) > left:
+                            reusable = False
+                            data = data[:left]
+                        left -= len(data)
+                        await t.send_all(data)
+            elif ukind == BODY_NONE:
                 await t.send_all(out_head)
                 if upos < len(ubuf):
                     reusable = False
-            elif ukind == BODY_LENGTH:
-                left = rh.content_length
-                avail = len(ubuf) - upos
-                if avail > left:
-                    reusable = False
-                    avail = left
-                self.answered = True
-                await t.send_all(out_head + ubuf[upos : upos + avail] if avail else out_head)
-                left -= avail
-                while left:
-                    data = await self._upstream_piece(ut, deadline_total, lim)
-                    if len(data) > left:
-                        reusable = False
-                        data = data[:left]
-                    left -= len(data)
-                    await t.send_all(data)
             elif ukind == BODY_CHUNKED:
                 ureader = ChunkedReader(response=True)
                 end = ureader.scan(ubuf, upos)
                 if ureader.done and end < len(ubuf):
                     reusable = False
-                self.answered = True
                 await t.send_all(out_head + ubuf[upos:end] if end > upos else out_head)
                 while not ureader.done:
                     data = await self._upstream_piece(ut, deadline_total, lim)
@@ -415,7 +432,6 @@ class Downstream:
                     await t.send_all(data[:end] if end < len(data) else data)
             else:  # until close
                 reusable = False
-                self.answered = True
                 await t.send_all(out_head + ubuf[upos:] if upos < len(ubuf) else out_head)
                 while True:
                     bt = gw.now + lim.body_timeout_s
@@ -447,8 +463,37 @@ class Downstream:
         pool.release(conn, reusable, gw.now)
         self.upconn = None
         self.phase = DONE
-        gw.count_response(rh.status)
+        gw.status_classes[rh.status // 100] += 1
         return buf, pos, keep
+
+    async def _response_head(self, ut: PlainTransport, is_head: bool):  # type: ignore[no-untyped-def]
+        """Read until a final response head; returns (head, buffer, body offset).
+        Raises _NothingBack when the connection ended before any byte came back,
+        UpstreamFailed when it ended later, ProtocolError on a malformed head."""
+        try:
+            ubuf = await ut.recv_after_wait()
+        except (ConnectionResetError, BrokenPipeError):
+            raise _NothingBack() from None
+        if not ubuf:
+            raise _NothingBack()
+        upos = 0
+        uscan = 0
+        while True:
+            rh = parse_response_head(ubuf, upos, request_was_head=is_head, scan_from=uscan)
+            if rh is not None:
+                if rh.status >= 200 or rh.status == 101:
+                    return rh, ubuf, upos + rh.head_len
+                upos += rh.head_len  # 1xx interim responses are not relayed
+                uscan = 0
+                continue
+            data = await ut.recv()
+            if not data:
+                raise UpstreamFailed(502, "upstream_closed",
+                                     "upstream closed the connection mid-head", sent=True)
+            old = len(ubuf) - upos
+            ubuf = ubuf[upos:] + data
+            upos = 0
+            uscan = old - 3 if old > 3 else 0
 
     async def _upstream_piece(self, ut: PlainTransport, deadline_total: float, lim) -> bytes:  # type: ignore[no-untyped-def]
         bt = self.gw.now + lim.body_timeout_s
@@ -458,43 +503,36 @@ class Downstream:
             raise UpstreamFailed(502, "upstream_closed", "upstream closed mid-response", sent=True)
         return data
 
-    async def _send_first(self, pool, first: bytes, rid: bytes) -> UpstreamConn | None:  # type: ignore[no-untyped-def]
+    async def _connect_and_send(self, pool, first: bytes, rid: bytes) -> UpstreamConn | None:  # type: ignore[no-untyped-def]
+        """Open a fresh connection (or wait for one at the pool's cap), send ``first``.
+        On failure answers the client and returns None."""
         gw = self.gw
-        for attempt in (0, 1):
-            try:
-                conn = pool.acquire_idle_nowait(gw.now)
-                if conn is None:
-                    conn = await pool.acquire()
-            except UpstreamConnectError as e:
-                if e.saturated:
-                    status, code = 503, "upstream_saturated"
-                    detail = "no connection to the function became available in time"
-                elif e.timeout:
-                    status, code = 504, "upstream_connect_timeout"
-                    detail = "connecting to the function timed out"
-                else:
-                    status, code = 502, "upstream_unreachable"
-                    detail = "could not connect to the function endpoint"
-                gw.count_error(code)
-                await self.send_error(status, code, detail, rid, close=True)
-                return None
-            self.upconn = conn
-            try:
-                await conn.transport.send_all(first)
-                return conn
-            except OSError:
-                pool.release(conn, False)
-                self.upconn = None
-                # Refused or reset while sending: on a reused connection the peer had
-                # closed it; nothing reached the function. Try once more on a new one.
-                if attempt == 0 and conn.exchanges > 0:
-                    gw.count_error("dead_pooled_connection")
-                    continue
-                gw.count_error("upstream_reset")
-                await self.send_error(502, "upstream_reset", "upstream connection failed", rid,
-                                      close=True)
-                return None
-        return None
+        try:
+            conn = await pool.acquire(fresh=True)
+        except UpstreamConnectError as e:
+            if e.saturated:
+                status, code = 503, "upstream_saturated"
+                detail = "no connection to the function became available in time"
+            elif e.timeout:
+                status, code = 504, "upstream_connect_timeout"
+                detail = "connecting to the function timed out"
+            else:
+                status, code = 502, "upstream_unreachable"
+                detail = "could not connect to the function endpoint"
+            gw.count_error(code)
+            await self.send_error(status, code, detail, rid, close=True)
+            return None
+        self.upconn = conn
+        try:
+            await conn.transport.send_all(first)
+        except OSError:
+            pool.release(conn, False)
+            self.upconn = None
+            gw.count_error("upstream_reset")
+            await self.send_error(502, "upstream_reset", "upstream connection failed", rid,
+                                  close=True)
+            return None
+        return conn
 
     async def _stream_request_body(self, ut, reader, remaining: int, lim):  # type: ignore[no-untyped-def]
         """Client -> upstream until the body ends; returns (buf, pos) with what the client

@@ -87,8 +87,9 @@ class Gateway:
         self.draining = False
         self.connections: set[Downstream] = set()
         self.errors: collections.Counter[str] = collections.Counter()
-        self.responses: collections.Counter[int] = collections.Counter()
-        self._rid_prefix = os.urandom(6).hex()
+        # Responses relayed, by status class: index 1..5 for 1xx..5xx.
+        self.status_classes = [0] * 6
+        self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_counter = 0
         self._no_connections = trio.Event()
         self._no_connections.set()
@@ -112,20 +113,19 @@ class Gateway:
     # -- counters -----------------------------------------------------------------------
 
     def next_request_id(self) -> bytes:
+        """A process-unique id: a random per-process prefix and a counter (cheap; the
+        prefix keeps ids from different workers and restarts apart)."""
         self._rid_counter += 1
-        return f"{self._rid_prefix}{self._rid_counter:010x}".encode()
+        return b"%b%010x" % (self._rid_prefix, self._rid_counter)
 
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
-
-    def count_response(self, status: int) -> None:
-        self.responses[status] += 1
 
     def statistics(self) -> dict[str, object]:
         return {
             "connections": len(self.connections),
             "errors": dict(self.errors),
-            "responses": dict(self.responses),
+            "responses": {f"{i}xx": n for i, n in enumerate(self.status_classes) if n},
             "draining": self.draining,
         }
 

@@ -24,6 +24,13 @@ from fastgw.config.model import BackendConfig, Endpoint
 from fastgw.transport import PlainTransport, TLSTransport
 
 
+# A pooled connection idle for less than this is reused without first peeking for a FIN:
+# function front ends close idle connections after seconds to minutes (nginx 75 s, Node
+# 5 s, Cloud Run ~10 min), so one used in the last second is almost always alive, and the
+# rare loser is replayed (idempotent requests) or checked (others).
+REUSE_CHECK_AFTER_S = 1.0
+
+
 class UpstreamConnectError(Exception):
     """The gateway could not open a connection to an endpoint; nothing was sent."""
 
@@ -124,15 +131,23 @@ class Pool:
             dropped_dead=self._dropped_dead,
         )
 
-    def acquire_idle_nowait(self, now: float) -> UpstreamConn | None:
-        """A live idle connection, or None. Never blocks."""
+    def acquire_idle_nowait(self, now: float, check: bool = True) -> UpstreamConn | None:
+        """A live idle connection, or None. Never blocks.
+
+        ``check`` peeks at the socket (one non-blocking system call) for a FIN the
+        function's side sent while the connection idled. Without it, a connection idle
+        for under ``REUSE_CHECK_AFTER_S`` is trusted; the caller must then be ready to
+        replay the request if nothing comes back."""
         idle = self._idle
         limit = now - self.idle_timeout_s
         while idle:
             conn = idle.pop()
-            if conn.idle_since < limit or not conn.transport.is_reusable():
-                if conn.idle_since >= limit:
-                    self._dropped_dead += 1
+            since = conn.idle_since
+            if since < limit:
+                conn.transport.close()
+                continue
+            if (check or now - since >= REUSE_CHECK_AFTER_S) and not conn.transport.is_reusable():
+                self._dropped_dead += 1
                 conn.transport.close()
                 continue
             self._busy += 1
@@ -140,18 +155,26 @@ class Pool:
             return conn
         return None
 
-    async def acquire(self) -> UpstreamConn:
+    async def acquire(self, *, fresh: bool = False) -> UpstreamConn:
+        """An idle connection (unless ``fresh``), else a new one while under
+        ``max_size``, else wait for a release up to the connect timeout. Raises
+        UpstreamConnectError."""
         while True:
-            conn = self.acquire_idle_nowait(trio.current_time())
-            if conn is not None:
-                return conn
+            if not fresh:
+                conn = self.acquire_idle_nowait(trio.current_time())
+                if conn is not None:
+                    return conn
+            elif self._idle and self._busy + len(self._idle) >= self.max_size:
+                # At the cap with idle connections: make room for a fresh one.
+                self._idle.pop(0).transport.close()
             if self._busy + len(self._idle) < self.max_size:
                 self._busy += 1
                 try:
                     return await self._open()
                 except BaseException:
                     self._busy -= 1
-                    self._lot.unpark()
+                    if self._lot:
+                        self._lot.unpark()
                     raise
             self._waits += 1
             # A saturated endpoint: wait for a release, at most the connect timeout
@@ -171,7 +194,8 @@ class Pool:
             self._idle.append(conn)
         else:
             conn.transport.close()
-        self._lot.unpark()
+        if self._lot:
+            self._lot.unpark()
 
     def expire_idle(self, now: float) -> int:
         """Close idle connections past their idle timeout; returns how many."""
