@@ -1,5 +1,11 @@
-"""fastgw: an identity-aware API gateway for serverless function endpoints."""
+"""fastgw: an identity-aware API gateway for serverless function endpoints.
+
+Public names only; see ``fastgw.gateway`` for the embeddable gateway and
+``fastgw.config`` for configuration objects and loading.
+"""
 
 from fastgw._version import __version__
+from fastgw.errors import ConfigError, FastgwError, ProtocolError
+from fastgw.gateway import Gateway
 
-__all__ = ["__version__"]
+__all__ = ["ConfigError", "FastgwError", "Gateway", "ProtocolError", "__version__"]

@@ -97,8 +97,9 @@ class _NothingBack(UpstreamFailed):
     """The upstream connection ended before any byte of a response."""
 
     def __init__(self) -> None:
-        super().__init__(502, "upstream_closed",
-                         "upstream closed the connection without a response", sent=True)
+        super().__init__(
+            502, "upstream_closed", "upstream closed the connection without a response", sent=True
+        )
 
 
 class ClientGone(Exception):
@@ -229,23 +230,36 @@ class Downstream:
         matched = state.router.match(head.path)
         if matched is None:
             gw.count_error("no_route")
-            await self.send_error(404, "no_route", "no route matches this request", rid,
-                                  close=kind != BODY_NONE)
+            await self.send_error(
+                404, "no_route", "no route matches this request", rid, close=kind != BODY_NONE
+            )
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         route, path = matched
         method = head.method
         if kind:
-            if kind == BODY_LENGTH and lim.max_body_bytes and head.content_length > lim.max_body_bytes:
+            if (
+                kind == BODY_LENGTH
+                and lim.max_body_bytes
+                and head.content_length > lim.max_body_bytes
+            ):
                 gw.count_error("body_too_large")
-                await self.send_error(413, "body_too_large",
-                                      f"request body over {lim.max_body_bytes} bytes", rid,
-                                      close=True)
+                await self.send_error(
+                    413,
+                    "body_too_large",
+                    f"request body over {lim.max_body_bytes} bytes",
+                    rid,
+                    close=True,
+                )
                 return buf, pos, False
         if head.upgrade or method == b"CONNECT":
             gw.count_error("method_not_supported")
-            await self.send_error(501 if head.upgrade else 405, "not_supported",
-                                  "CONNECT and protocol upgrades are not supported", rid,
-                                  close=kind != BODY_NONE)
+            await self.send_error(
+                501 if head.upgrade else 405,
+                "not_supported",
+                "CONNECT and protocol upgrades are not supported",
+                rid,
+                close=kind != BODY_NONE,
+            )
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
 
         backend = route.backend
@@ -287,9 +301,13 @@ class Downstream:
             end = reader.scan(buf, pos)
             if lim.max_body_bytes and reader.body_bytes > lim.max_body_bytes:
                 gw.count_error("body_too_large")
-                await self.send_error(413, "body_too_large",
-                                      f"request body over {lim.max_body_bytes} bytes", rid,
-                                      close=True)
+                await self.send_error(
+                    413,
+                    "body_too_large",
+                    f"request body over {lim.max_body_bytes} bytes",
+                    rid,
+                    close=True,
+                )
                 return buf, pos, False
             first = up_head + buf[pos:end] if end > pos else up_head
             if not reader.done and end == len(buf) and end == pos and head.expect_continue:
@@ -488,8 +506,9 @@ class Downstream:
                 continue
             data = await ut.recv()
             if not data:
-                raise UpstreamFailed(502, "upstream_closed",
-                                     "upstream closed the connection mid-head", sent=True)
+                raise UpstreamFailed(
+                    502, "upstream_closed", "upstream closed the connection mid-head", sent=True
+                )
             old = len(ubuf) - upos
             ubuf = ubuf[upos:] + data
             upos = 0
@@ -529,8 +548,9 @@ class Downstream:
             pool.release(conn, False)
             self.upconn = None
             gw.count_error("upstream_reset")
-            await self.send_error(502, "upstream_reset", "upstream connection failed", rid,
-                                  close=True)
+            await self.send_error(
+                502, "upstream_reset", "upstream connection failed", rid, close=True
+            )
             return None
         return conn
 
@@ -568,11 +588,16 @@ class Downstream:
         try:
             await ut.send_all(data)
         except OSError:
-            raise UpstreamFailed(502, "upstream_reset", "upstream connection failed while "
-                                 "sending the request body", sent=True) from None
+            raise UpstreamFailed(
+                502,
+                "upstream_reset",
+                "upstream connection failed while sending the request body",
+                sent=True,
+            ) from None
 
-    async def send_error(self, status: int, code: str, detail: str, rid: bytes, *,
-                         close: bool) -> None:
+    async def send_error(
+        self, status: int, code: str, detail: str, rid: bytes, *, close: bool
+    ) -> None:
         self.answered = True
         try:
             await self.t.send_all(error_response(status, code, detail, rid, close=close))
@@ -586,12 +611,17 @@ class Downstream:
             return
         if phase in (HEAD, BODY):
             self.gw.count_error("client_timeout")
-            await self.send_error(408, "request_timeout", "request not received in time",
-                                  self.rid if phase == BODY else self.gw.next_request_id(),
-                                  close=True)
+            await self.send_error(
+                408,
+                "request_timeout",
+                "request not received in time",
+                self.rid if phase == BODY else self.gw.next_request_id(),
+                close=True,
+            )
         elif phase == UPSTREAM:
             self.gw.count_error("upstream_timeout")
-            await self.send_error(504, "upstream_timeout", "the function did not answer in time",
-                                  self.rid, close=True)
+            await self.send_error(
+                504, "upstream_timeout", "the function did not answer in time", self.rid, close=True
+            )
         else:
             self.gw.count_error("response_timeout")

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import trio
 
 from fastgw._core.http import StripSet
-from fastgw.config.model import BackendConfig, GatewayConfig, ListenerConfig
+from fastgw.config.model import GatewayConfig, ListenerConfig
 from fastgw.downstream import Downstream
 from fastgw.errors import ProtocolError
 from fastgw.router import Route, Router
@@ -61,7 +61,9 @@ class GatewayState:
         self.backends: dict[str, Backend] = {}
         for name, bcfg in config.backends.items():
             prev = old.get(name)
-            self.backends[name] = prev if prev is not None and prev.config == bcfg else Backend(bcfg)
+            self.backends[name] = (
+                prev if prev is not None and prev.config == bcfg else Backend(bcfg)
+            )
         self.router = Router([Route(r, self.backends[r.backend]) for r in config.routes])
 
 
@@ -131,7 +133,9 @@ class Gateway:
 
     # -- serving ------------------------------------------------------------------------
 
-    async def serve(self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
         """Bind every listener, report the bound addresses through ``task_status``, and
         serve until cancelled. Raises OSError when a listener cannot be bound."""
         socks: list[tuple[socket.socket, ListenerConfig, ssl.SSLContext | None]] = []
@@ -263,16 +267,22 @@ class Gateway:
                     await d.run()
                 except ProtocolError as e:
                     self.count_error(f"http_{e.status}")
-                    await d.send_error(e.status, "bad_request" if e.status == 400 else "protocol_error",
-                                       e.detail, self.next_request_id(), close=True)
+                    await d.send_error(
+                        e.status,
+                        "bad_request" if e.status == 400 else "protocol_error",
+                        e.detail,
+                        self.next_request_id(),
+                        close=True,
+                    )
                 except OSError:
                     self.count_error("client_reset")
                 except Exception:
                     log.exception("internal error on a client connection")
                     self.count_error("internal")
                     if not d.answered:
-                        await d.send_error(500, "internal_error", "internal error", d.rid,
-                                           close=True)
+                        await d.send_error(
+                            500, "internal_error", "internal error", d.rid, close=True
+                        )
             if scope.cancelled_caught:
                 with trio.move_on_after(1.0):
                     await d.answer_timeout()

@@ -67,7 +67,7 @@ def run_demo(listen_port: int = 8080) -> int:
                     f"http://127.0.0.1:{fn_port}\n"
                     "Try:\n"
                     f"  curl -s http://{host}:{port}/hello -H 'Content-Type: application/json'"
-                    f" -d '{{\"name\": \"world\"}}'\n"
+                    f' -d \'{{"name": "world"}}\'\n'
                     "Stop with Ctrl-C.",
                     flush=True,
                 )

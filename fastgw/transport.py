@@ -83,7 +83,7 @@ class PlainTransport:
         """True when an idle pooled connection has no EOF or stray bytes waiting: the
         peer has not closed it. One non-blocking MSG_PEEK, no scheduling."""
         try:
-            data = self.sock.recv(1, socket.MSG_PEEK)
+            self.sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
             return True
         except OSError:
@@ -103,7 +103,9 @@ class PlainTransport:
         than a clean end of a read-until-close body."""
         if not self.closed:
             try:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                self.sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
             except OSError:
                 pass
             self.close()

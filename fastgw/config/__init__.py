@@ -4,7 +4,7 @@ Public names only; the work is in ``loader`` (reading, includes, validation) and
 (the objects).
 """
 
-from fastgw.config.loader import config_from_dict, load_config
+from fastgw.config.loader import config_from_dict, load_config, parse_address, parse_endpoint
 from fastgw.config.model import (
     BackendConfig,
     Endpoint,
@@ -25,4 +25,6 @@ __all__ = [
     "RouteConfig",
     "config_from_dict",
     "load_config",
+    "parse_address",
+    "parse_endpoint",
 ]

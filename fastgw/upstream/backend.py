@@ -21,8 +21,7 @@ class Backend:
         if any(ep.scheme == "https" for ep in config.endpoints):
             tls_ctx = make_client_tls_context(config)
         self.pools = [
-            Pool(ep, config, tls_ctx if ep.scheme == "https" else None)
-            for ep in config.endpoints
+            Pool(ep, config, tls_ctx if ep.scheme == "https" else None) for ep in config.endpoints
         ]
         self._next = 0
 

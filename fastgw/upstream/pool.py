@@ -23,7 +23,6 @@ import trio
 from fastgw.config.model import BackendConfig, Endpoint
 from fastgw.transport import PlainTransport, TLSTransport
 
-
 # A pooled connection idle for less than this is reused without first peeking for a FIN:
 # function front ends close idle connections after seconds to minutes (nginx 75 s, Node
 # 5 s, Cloud Run ~10 min), so one used in the last second is almost always alive, and the
