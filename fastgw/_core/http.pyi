@@ -131,6 +131,7 @@ def build_response_head(
     strip: StripSet | None = None,
     via: bytes | None = None,
 ) -> bytes: ...
+
 @final
 class ChunkedReader:
     def __init__(
