@@ -1048,10 +1048,14 @@ def build_request_head(RequestHead h not None, *, bytes target=None, bytes host 
     Drops hop-by-hop fields (RFC 9110 7.6.1: Connection and every field it names,
     Keep-Alive, Proxy-Connection, TE, Trailer, Upgrade, Proxy-Authorization), the
     framing fields (re-written from ``h.body_kind``), Host, and the forwarding fields
-    fastgw sets: X-Forwarded-Proto, X-Forwarded-Host, X-Request-Id, and
-    X-Forwarded-For/Via (appended to when ``xff_append``/``via`` say so). ``extra`` is
-    pre-rendered field lines (each ending CRLF) added last. ``strip`` names more fields
-    to drop. ``target`` defaults to ``h.path``.
+    fastgw sets: X-Forwarded-Proto, X-Forwarded-Host, X-Request-Id, Forwarded,
+    X-Forwarded-For and Via. With ``client_ip``, X-Forwarded-For is the client's
+    values (non-empty, not named by Connection) then ``client_ip`` when ``xff_append``,
+    else ``client_ip`` alone; without it there is none. Via is likewise the client's
+    values then ``via``, or absent when ``via`` is None. ``extra`` is pre-rendered field
+    lines (each ending CRLF) added last; ``host``, ``extra`` and the other values are
+    written as given (the caller validated them). ``strip`` names more fields to drop.
+    ``target`` defaults to ``h.path``.
     """
     cdef const char* p = PyBytes_AS_STRING(h.raw)
     cdef Py_ssize_t total = 0, k
