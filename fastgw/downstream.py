@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import TYPE_CHECKING
 
 import trio
@@ -46,6 +47,9 @@ from fastgw.upstream.pool import UpstreamConn, UpstreamConnectError
 
 if TYPE_CHECKING:
     from fastgw.gateway import Gateway
+    from fastgw.router import Route
+
+_clock = time.perf_counter
 
 # Phases, for what a fired deadline means.
 IDLE = 0
@@ -132,8 +136,10 @@ class Downstream:
         "proto",
         "requests",
         "rid",
+        "route",
         "scope",
         "t",
+        "t0",
         "upconn",
     )
 
@@ -148,6 +154,8 @@ class Downstream:
         self.idle = True
         self.requests = 0
         self.rid = b"-"
+        self.route: Route | None = None
+        self.t0 = 0.0
         self.upconn: UpstreamConn | None = None
         # True once any byte of a response to the current request went to the client.
         self.answered = False
@@ -202,16 +210,19 @@ class Downstream:
                     head_deadline = gw.now + lim.head_timeout_s
                 pos = 0
                 continue
+            self.t0 = _clock()
             self.idle = False
             pos += head.head_len
             scan_from = 0
             self.requests += 1
             self.answered = False
+            self.route = None
             rid = head.get(b"x-request-id")
             if rid is None or _VALID_RID.fullmatch(rid) is None:
                 rid = gw.next_request_id()
             self.rid = rid
             buf, pos, keep = await self._exchange(state, head, buf, pos, rid)
+            self.route = None
             if not keep:
                 return
             if pos >= len(buf):
@@ -235,6 +246,7 @@ class Downstream:
             )
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         route, path = matched
+        self.route = route
         method = head.method
         if kind:
             if (
@@ -352,8 +364,9 @@ class Downstream:
             except ProtocolError as e:
                 pool.release(conn, False)
                 self.upconn = None
-                gw.count_error("bad_request_body")
-                await self.send_error(e.status, "bad_request", e.detail, rid, close=True)
+                code = "body_too_large" if e.status == 413 else "bad_request_body"
+                gw.count_error(code)
+                await self.send_error(e.status, code, e.detail, rid, close=True)
                 return buf, pos, False
             except UpstreamFailed as e:
                 pool.release(conn, False)
@@ -367,6 +380,7 @@ class Downstream:
         fb = gw.now + bcfg.first_byte_timeout_s
         self.deadline = fb if fb < deadline_total else deadline_total
         is_head = method == b"HEAD"
+        t_sent = _clock()
         try:
             try:
                 rh, ubuf, upos = await self._response_head(ut, is_head)
@@ -395,6 +409,8 @@ class Downstream:
             gw.count_error(code)
             await self.send_error(502, code, detail, rid, close=True)
             return buf, pos, False
+
+        backend.first_byte.observe(_clock() - t_sent)
 
         # Response head and body, upstream -> client.
         keep = head.keep_alive and not gw.draining
@@ -481,7 +497,8 @@ class Downstream:
         pool.release(conn, reusable, gw.now)
         self.upconn = None
         self.phase = DONE
-        gw.status_classes[rh.status // 100] += 1
+        route.status_counts[rh.status // 100] += 1
+        route.duration.observe(_clock() - self.t0)
         return buf, pos, keep
 
     async def _response_head(self, ut: PlainTransport, is_head: bool):  # type: ignore[no-untyped-def]
@@ -599,6 +616,12 @@ class Downstream:
         self, status: int, code: str, detail: str, rid: bytes, *, close: bool
     ) -> None:
         self.answered = True
+        route = self.route
+        if route is not None:
+            route.status_counts[status // 100] += 1
+            route.duration.observe(_clock() - self.t0)
+        else:
+            self.gw.unrouted_counts[status // 100] += 1
         try:
             await self.t.send_all(error_response(status, code, detail, rid, close=close))
         except OSError:

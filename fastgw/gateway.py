@@ -23,6 +23,7 @@ import logging
 import os
 import socket
 import ssl
+import time
 from collections.abc import Sequence
 
 import trio
@@ -51,6 +52,8 @@ class GatewayState:
 
     __slots__ = ("backends", "config", "limits", "router", "strip", "via", "xff_append")
 
+    router: Router
+
     def __init__(self, config: GatewayConfig, previous: GatewayState | None = None) -> None:
         self.config = config
         self.limits = config.limits
@@ -61,10 +64,17 @@ class GatewayState:
         self.backends: dict[str, Backend] = {}
         for name, bcfg in config.backends.items():
             prev = old.get(name)
-            self.backends[name] = (
-                prev if prev is not None and prev.config == bcfg else Backend(bcfg)
-            )
-        self.router = Router([Route(r, self.backends[r.backend]) for r in config.routes])
+            if prev is not None and prev.config == bcfg:
+                self.backends[name] = prev
+            else:
+                self.backends[name] = Backend(bcfg, previous=prev)
+        old_routes = {r.name: r for r in previous.router.routes} if previous else {}
+        self.router = Router(
+            [
+                Route(r, self.backends[r.backend], previous=old_routes.get(r.name))
+                for r in config.routes
+            ]
+        )
 
 
 def _listener_tls_context(lc: ListenerConfig) -> ssl.SSLContext:
@@ -89,17 +99,22 @@ class Gateway:
         self.draining = False
         self.connections: set[Downstream] = set()
         self.errors: collections.Counter[str] = collections.Counter()
-        # Responses relayed, by status class: index 1..5 for 1xx..5xx.
-        self.status_classes = [0] * 6
+        # Answers to requests that matched no route (or failed before routing), by
+        # status class: index 1..5 for 1xx..5xx. Routed answers count on their route.
+        self.unrouted_counts = [0] * 6
         self._rid_prefix = os.urandom(6).hex().encode()
         self._rid_counter = 0
         self._no_connections = trio.Event()
         self._no_connections.set()
-        self._listen_socks: list[socket.socket] = []
+        self._listeners: dict[tuple[str, int], _Listener] = {}
+        self._limiter = trio.CapacityLimiter(config.limits.max_connections)
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_reload_ok_unix = time.time()
+        self.admin_address: tuple[str, int] | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
         self.now = 0.0
-        self.addresses: list[tuple[str, int]] = []
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Gateway:
@@ -123,11 +138,27 @@ class Gateway:
     def count_error(self, code: str) -> None:
         self.errors[code] += 1
 
+    def readiness(self) -> tuple[bool, list[str]]:
+        """Ready when the config is loaded and every listener is bound and accepting."""
+        why = []
+        if self.draining:
+            why.append("draining")
+        if not self._listeners or any(lst.closed for lst in self._listeners.values()):
+            why.append("listeners not bound")
+        return not why, why
+
     def statistics(self) -> dict[str, object]:
         return {
             "connections": len(self.connections),
             "errors": dict(self.errors),
-            "responses": {f"{i}xx": n for i, n in enumerate(self.status_classes) if n},
+            "responses": {
+                f"{i}xx": n
+                for i in range(1, 6)
+                if (
+                    n := self.unrouted_counts[i]
+                    + sum(r.status_counts[i] for r in self.state.router.routes)
+                )
+            },
             "draining": self.draining,
         }
 
@@ -138,41 +169,97 @@ class Gateway:
     ) -> None:
         """Bind every listener, report the bound addresses through ``task_status``, and
         serve until cancelled. Raises OSError when a listener cannot be bound."""
-        socks: list[tuple[socket.socket, ListenerConfig, ssl.SSLContext | None]] = []
-        try:
-            for lc in self.state.config.listeners:
-                sock = _bind(lc, self.reuse_port)
-                ctx = _listener_tls_context(lc) if lc.tls else None
-                socks.append((sock, lc, ctx))
-        except BaseException:
-            for s, _, _ in socks:
-                s.close()
-            raise
-        self._listen_socks = [s for s, _, _ in socks]
-        self.addresses = [s.getsockname()[:2] for s, _, _ in socks]
-        limiter = trio.Semaphore(self.state.limits.max_connections)
+        listeners = self._bind_all(self.state.config.listeners, {})
+        self._limiter = trio.CapacityLimiter(self.state.limits.max_connections)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                for sock, lc, ctx in socks:
-                    nursery.start_soon(self._accept_loop, sock, lc, ctx, limiter, nursery)
+                self._listeners = listeners
+                for lst in listeners.values():
+                    self._start_listener(lst)
                 self.now = trio.current_time()
                 nursery.start_soon(self._watchdog)
-                task_status.started(list(self.addresses))
+                if self.state.config.admin is not None:
+                    from fastgw.admin import serve_admin
+
+                    self.admin_address = await nursery.start(serve_admin, self)
+                task_status.started(self.addresses)
         finally:
-            for s in self._listen_socks:
-                s.close()
+            for lst in self._listeners.values():
+                lst.close()
             for b in self.state.backends.values():
                 b.close()
+
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The bound address of each listener, in config order."""
+        return [lst.address for lst in self._listeners.values()]
+
+    def reload(self, config: GatewayConfig) -> None:
+        """Swap to ``config`` atomically: requests in flight finish on the state they
+        began with, new ones use the new state; listeners are added or removed (one
+        whose address is unchanged keeps its socket and takes the new TLS settings);
+        backends with unchanged configuration keep their warm pools; counters of routes
+        and backends that keep their names carry over. Raises OSError (a new listener
+        cannot be bound) or ssl.SSLError/OSError (its certificate cannot be loaded), in
+        which case nothing changed."""
+        fresh = self._bind_all(config.listeners, self._listeners)
+        try:
+            state = GatewayState(config, previous=self.state)
+        except BaseException:
+            for key, lst in fresh.items():
+                if key not in self._listeners:
+                    lst.close()
+            raise
+        old_state, old_listeners = self.state, self._listeners
+        self.state = state
+        self._listeners = fresh
+        self._limiter.total_tokens = config.limits.max_connections
+        for key, lst in old_listeners.items():
+            if key not in fresh:
+                lst.close()
+        for key, lst in fresh.items():
+            if key not in old_listeners:
+                self._start_listener(lst)
+        kept = {id(b) for b in state.backends.values()}
+        for b in old_state.backends.values():
+            if id(b) not in kept:
+                b.close()  # busy connections close when their exchange releases them
+        self.reloads_ok += 1
+        self.last_reload_ok_unix = time.time()
+
+    def _bind_all(
+        self, configs: Sequence[ListenerConfig], current: dict[tuple[str, int], _Listener]
+    ) -> dict[tuple[str, int], _Listener]:
+        out: dict[tuple[str, int], _Listener] = {}
+        try:
+            for lc in configs:
+                key = (lc.host, lc.port)
+                ctx = _listener_tls_context(lc) if lc.tls else None
+                prev = current.get(key)
+                if prev is not None:
+                    out[key] = prev
+                    prev.update(lc, ctx)
+                else:
+                    out[key] = _Listener(lc, _bind(lc, self.reuse_port), ctx)
+        except BaseException:
+            for key, lst in out.items():
+                if key not in current:
+                    lst.close()
+            raise
+        return out
+
+    def _start_listener(self, lst: _Listener) -> None:
+        lst.scope = trio.CancelScope()
+        self._nursery.start_soon(self._accept_loop, lst)
 
     async def drain(self, timeout_s: float | None = None) -> bool:
         """Stop accepting, close idle keep-alive connections, let requests in flight
         finish (their responses carry Connection: close). Returns True when every
         connection closed within ``timeout_s`` (default: the config's drain timeout)."""
         self.draining = True
-        for s in self._listen_socks:
-            trio.lowlevel.notify_closing(s)
-            s.close()
+        for lst in self._listeners.values():
+            lst.close()
         for d in list(self.connections):
             if d.idle and d.scope is not None:
                 d.scope.cancel()
@@ -202,35 +289,33 @@ class Gateway:
                 for b in self.state.backends.values():
                     b.expire_idle(now)
 
-    async def _accept_loop(
-        self,
-        lsock: socket.socket,
-        lc: ListenerConfig,
-        ctx: ssl.SSLContext | None,
-        limiter: trio.Semaphore,
-        nursery: trio.Nursery,
-    ) -> None:
-        proto = b"https" if ctx is not None else b"http"
-        while not self.draining:
-            await limiter.acquire()
-            while True:
-                try:
-                    sock, addr = lsock.accept()
-                    break
-                except BlockingIOError:
+    async def _accept_loop(self, lst: _Listener) -> None:
+        lsock = lst.sock
+        limiter = self._limiter
+        nursery = self._nursery
+        assert lst.scope is not None
+        with lst.scope:
+            while not self.draining and not lst.closed:
+                token = object()
+                await limiter.acquire_on_behalf_of(token)
+                while True:
                     try:
-                        await trio.lowlevel.wait_readable(lsock)
-                    except (trio.ClosedResourceError, OSError):
-                        limiter.release()
-                        return
-                except OSError as e:
-                    if self.draining or lsock.fileno() < 0:
-                        limiter.release()
-                        return
-                    # EMFILE and friends: back off briefly rather than spin.
-                    log.warning("accept failed on %s: %s", lc.name, e)
-                    await trio.sleep(0.05)
-            nursery.start_soon(self._connection, sock, addr, proto, ctx, limiter)
+                        sock, addr = lsock.accept()
+                        break
+                    except BlockingIOError:
+                        try:
+                            await trio.lowlevel.wait_readable(lsock)
+                        except (trio.ClosedResourceError, OSError):
+                            limiter.release_on_behalf_of(token)
+                            return
+                    except OSError as e:
+                        if self.draining or lst.closed:
+                            limiter.release_on_behalf_of(token)
+                            return
+                        # EMFILE and friends: back off briefly rather than spin.
+                        log.warning("accept failed on %s: %s", lst.config.name, e)
+                        await trio.sleep(0.05)
+                nursery.start_soon(self._connection, sock, addr, lst.proto, lst.ctx, token)
 
     async def _connection(
         self,
@@ -238,7 +323,7 @@ class Gateway:
         addr: tuple,
         proto: bytes,
         ctx: ssl.SSLContext | None,
-        limiter: trio.Semaphore,
+        token: object,
     ) -> None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -292,9 +377,40 @@ class Gateway:
                 d.upconn = None
             t.close()
             self.connections.discard(d)
-            limiter.release()
+            self._limiter.release_on_behalf_of(token)
             if not self.connections:
                 self._no_connections.set()
+
+
+class _Listener:
+    """A bound listening socket and what its connections need (TLS context, proto)."""
+
+    __slots__ = ("address", "closed", "config", "ctx", "proto", "scope", "sock")
+
+    def __init__(
+        self, config: ListenerConfig, sock: socket.socket, ctx: ssl.SSLContext | None
+    ) -> None:
+        self.sock = sock
+        self.address: tuple[str, int] = sock.getsockname()[:2]
+        self.closed = False
+        self.scope: trio.CancelScope | None = None
+        self.update(config, ctx)
+
+    def update(self, config: ListenerConfig, ctx: ssl.SSLContext | None) -> None:
+        self.config = config
+        self.ctx = ctx
+        self.proto = b"https" if ctx is not None else b"http"
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.scope is not None:
+                self.scope.cancel()
+            try:
+                trio.lowlevel.notify_closing(self.sock)
+            except RuntimeError:
+                pass  # outside trio (never served)
+            self.sock.close()
 
 
 def _bind(lc: ListenerConfig, reuse_port: bool) -> socket.socket:

@@ -7,14 +7,30 @@ send upstream (the prefix stripped when the route says so).
 
 from __future__ import annotations
 
+from fastgw._core.metrics import Histogram
 from fastgw.config.model import RouteConfig
 from fastgw.upstream.backend import Backend
 
 
 class Route:
-    __slots__ = ("backend", "config", "name", "name_bytes", "prefix", "prefix_dir", "strip")
+    __slots__ = (
+        "backend",
+        "config",
+        "duration",
+        "name",
+        "name_bytes",
+        "prefix",
+        "prefix_dir",
+        "status_counts",
+        "strip",
+    )
 
-    def __init__(self, config: RouteConfig, backend: Backend) -> None:
+    def __init__(
+        self, config: RouteConfig, backend: Backend, previous: Route | None = None
+    ) -> None:
+        # Counters outlive a reload when the route keeps its name (metrics stay monotonic).
+        self.status_counts: list[int] = previous.status_counts if previous else [0] * 6
+        self.duration: Histogram = previous.duration if previous else Histogram()
         self.config = config
         self.name = config.name
         self.name_bytes = config.name.encode()

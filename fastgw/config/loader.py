@@ -43,6 +43,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from fastgw.config.model import (
+    AdminConfig,
+    AuditConfig,
     BackendConfig,
     Endpoint,
     GatewayConfig,
@@ -58,7 +60,9 @@ Problem = tuple[str, str, str]
 
 # --- the schema, as data -------------------------------------------------------------
 
-_ROOT_KEYS = ("include", "gateway", "limits", "listeners", "backends", "routes")
+_ROOT_KEYS = ("include", "gateway", "limits", "admin", "audit", "listeners", "backends", "routes")
+_ADMIN_KEYS = ("address",)
+_AUDIT_KEYS = ("enabled", "path", "sample_success")
 _INCLUDED_KEYS = ("include", "listeners", "backends", "routes")
 _GATEWAY_KEYS = ("via", "xff_append", "drain_timeout_s")
 _LISTENER_KEYS = (
@@ -102,6 +106,8 @@ _BACKEND_RULES: dict[str, _NumberRule] = {
 }
 # 0 s drain is allowed: stop at once on SIGTERM.
 _DRAIN_RULE: _NumberRule = ("float", 0, True)
+# A share; values over 1 are reported by _audit.
+_SAMPLE_RULE: _NumberRule = ("float", 0, True)
 
 # Names appear in metrics labels, logs and key paths: keep them plain.
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
@@ -342,6 +348,13 @@ class _Builder:
             limits = _table(self, file, "limits", data.get("limits", {}))
             if limits is not None:
                 self._limits(file, limits)
+            if "admin" in data:
+                admin = _table(self, file, "admin", data["admin"])
+                if admin is not None:
+                    self._admin(file, admin)
+            audit = _table(self, file, "audit", data.get("audit", {}))
+            if audit is not None:
+                self._audit(file, base_dir, audit)
         if not isinstance(data.get("listeners", []), list):
             self.saw_listeners = True  # malformed, reported: "no listeners" would only add noise
         listeners = _array_of_tables(self, file, "listeners", data.get("listeners", []))
@@ -417,6 +430,39 @@ class _Builder:
         drain = r.get_number("drain_timeout_s", _DRAIN_RULE)
         if drain is not None:
             self.gateway["drain_timeout_s"] = drain
+
+    def _admin(self, file: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, "admin", t, _ADMIN_KEYS, "")
+        address = r.get_str("address")
+        if address is None:
+            self.gateway["admin"] = AdminConfig()
+            return
+        try:
+            host, port = parse_address(address)
+        except ValueError as e:
+            r.bad("address", str(e))
+            return
+        self.gateway["admin"] = AdminConfig(host=host, port=port)
+
+    def _audit(self, file: str, base_dir: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, "audit", t, _AUDIT_KEYS, base_dir)
+        enabled = r.get_bool("enabled")
+        path = r.get_str("path")
+        if path is not None and path != "-":
+            full = os.path.join(base_dir, path)
+            parent = os.path.dirname(os.path.abspath(full))
+            if not os.path.isdir(parent):
+                r.bad("path", f"directory {_q(parent)} does not exist")
+            path = os.path.abspath(full)
+        sample = r.get_number("sample_success", _SAMPLE_RULE)
+        if sample is not None and sample > 1:
+            r.bad("sample_success", f"must be a share between 0 and 1, got {sample:g}")
+            sample = None
+        self.gateway["audit"] = AuditConfig(
+            enabled=True if enabled is None else enabled,
+            path=None if path in (None, "-") else path,
+            sample_success=1.0 if sample is None else float(sample),
+        )
 
     def _limits(self, file: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, "limits", t, tuple(_LIMIT_RULES), "")

@@ -105,6 +105,25 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener: /metrics, /healthz, /readyz, /config. Loopback by default:
+    it tells whoever can reach it how the gateway is configured (secrets redacted)."""
+
+    host: str = "127.0.0.1"
+    port: int = 9901
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """One JSON line per request. ``path`` None or "-" means stdout."""
+
+    enabled: bool = False
+    path: str | None = None
+    # Share of successful (2xx/3xx) exchanges logged; denials and errors always are.
+    sample_success: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     backends: dict[str, BackendConfig] = field(default_factory=dict)
@@ -117,4 +136,6 @@ class GatewayConfig:
     # SIGTERM/SIGINT: stop accepting, finish in-flight requests for up to this long.
     # 10 s: Kubernetes gives 30 s by default before SIGKILL; leave room for the rest.
     drain_timeout_s: float = 10.0
+    admin: AdminConfig | None = None
+    audit: AuditConfig = field(default_factory=AuditConfig)
     source: str = "<objects>"  # the file it was loaded from, for messages

@@ -7,15 +7,18 @@ endpoints are unchanged, so its pools (and their warm connections) are kept.
 
 from __future__ import annotations
 
+from fastgw._core.metrics import Histogram
 from fastgw.config.model import BackendConfig
 from fastgw.upstream.pool import Pool, make_client_tls_context
 
 
 class Backend:
-    __slots__ = ("_next", "config", "name", "pools")
+    __slots__ = ("_next", "config", "first_byte", "name", "pools")
 
-    def __init__(self, config: BackendConfig) -> None:
+    def __init__(self, config: BackendConfig, previous: Backend | None = None) -> None:
         self.config = config
+        # Time from the request sent to the response head, across its endpoints.
+        self.first_byte: Histogram = previous.first_byte if previous else Histogram()
         self.name = config.name
         tls_ctx = None
         if any(ep.scheme == "https" for ep in config.endpoints):

@@ -1,0 +1,147 @@
+"""Every metric fastgw exports, in one place: a collector over plain counters.
+
+Strategy: the request path never calls prometheus-client. It bumps list slots and
+observes into core histograms (``fastgw._core.metrics.Histogram``) held by the route and
+backend objects; this collector walks them when ``/metrics`` is scraped and builds the
+metric families then. Label sets are bounded by the configuration (route, backend,
+endpoint, listener names, status classes, error codes from a fixed vocabulary): never
+an identity, a token or a raw path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from fastgw._core.metrics import Histogram
+from fastgw._version import __version__
+
+if TYPE_CHECKING:
+    from fastgw.gateway import Gateway
+
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+def _histogram(fam: HistogramMetricFamily, labels: list[str], h: Histogram) -> None:
+    buckets, total = h.snapshot()
+    fam.add_metric(
+        labels,
+        [("+Inf" if b == float("inf") else repr(b), c) for b, c in buckets],
+        sum_value=total,
+    )
+
+
+class GatewayCollector(Collector):
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    def collect(self) -> Iterator[Metric]:
+        gw = self.gw
+        state = gw.state
+        info = InfoMetricFamily("fastgw_build", "fastgw build information")
+        info.add_metric([], {"version": __version__})
+        yield info
+
+        req = CounterMetricFamily(
+            "fastgw_requests",
+            "Requests answered, by route, backend and status class",
+            labels=["route", "backend", "code"],
+        )
+        dur = HistogramMetricFamily(
+            "fastgw_request_duration_seconds",
+            "Time from a request head parsed to its response sent, by route",
+            labels=["route"],
+        )
+        for r in state.router.routes:
+            for i, cls in enumerate(_CLASSES, start=1):
+                n = r.status_counts[i]
+                if n:
+                    req.add_metric([r.name, r.backend.name, cls], n)
+            _histogram(dur, [r.name], r.duration)
+        for i, cls in enumerate(_CLASSES, start=1):
+            n = gw.unrouted_counts[i]
+            if n:
+                req.add_metric(["", "", cls], n)
+        yield req
+        yield dur
+
+        fb = HistogramMetricFamily(
+            "fastgw_upstream_first_byte_seconds",
+            "Time from a request sent upstream to its response head, by backend",
+            labels=["backend"],
+        )
+        conns = GaugeMetricFamily(
+            "fastgw_upstream_connections",
+            "Upstream connections by state",
+            labels=["backend", "endpoint", "state"],
+        )
+        created = CounterMetricFamily(
+            "fastgw_upstream_connections_created",
+            "Upstream connections opened",
+            labels=["backend", "endpoint"],
+        )
+        waits = CounterMetricFamily(
+            "fastgw_upstream_pool_waits",
+            "Times a request waited for a connection at the pool's cap",
+            labels=["backend", "endpoint"],
+        )
+        dead = CounterMetricFamily(
+            "fastgw_upstream_dead_connections",
+            "Pooled connections found closed by the upstream when reused",
+            labels=["backend", "endpoint"],
+        )
+        for b in state.backends.values():
+            _histogram(fb, [b.name], b.first_byte)
+            for p in b.pools:
+                st = p.statistics()
+                lab = [b.name, p.endpoint.url]
+                conns.add_metric([*lab, "idle"], st.idle)
+                conns.add_metric([*lab, "busy"], st.busy)
+                created.add_metric(lab, st.created)
+                waits.add_metric(lab, st.waits)
+                dead.add_metric(lab, st.dropped_dead)
+        yield fb
+        yield conns
+        yield created
+        yield waits
+        yield dead
+
+        down = GaugeMetricFamily(
+            "fastgw_downstream_connections", "Open client connections", value=len(gw.connections)
+        )
+        yield down
+        errs = CounterMetricFamily(
+            "fastgw_errors", "Errors by code (a fixed vocabulary)", labels=["code"]
+        )
+        for code, n in sorted(gw.errors.items()):
+            errs.add_metric([code], n)
+        yield errs
+        reloads = CounterMetricFamily(
+            "fastgw_config_reloads", "Configuration reloads by result", labels=["result"]
+        )
+        reloads.add_metric(["ok"], gw.reloads_ok)
+        reloads.add_metric(["failed"], gw.reloads_failed)
+        yield reloads
+        yield GaugeMetricFamily(
+            "fastgw_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load",
+            value=gw.last_reload_ok_unix,
+        )
+        yield GaugeMetricFamily(
+            "fastgw_draining", "1 while the gateway drains", value=1 if gw.draining else 0
+        )
+
+
+def make_registry(gw: Gateway) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(gw))
+    return registry
