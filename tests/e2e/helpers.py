@@ -4,7 +4,11 @@ so these peers are independent of fastgw's own parser."""
 
 from __future__ import annotations
 
+import functools
+import re
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +92,14 @@ class Upstream:
     ssl_context: ssl.SSLContext | None = None
     received: list[Received] = field(default_factory=list)
     connections: int = 0
+    closed: int = 0  # connections ended (by either side)
     port: int = 0
+    _closed_changed: trio.Event = field(default_factory=trio.Event, init=False, repr=False)
+
+    async def wait_closed(self, n: int = 1) -> None:
+        """Until ``n`` connections have ended."""
+        while self.closed < n:
+            await self._closed_changed.wait()
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
@@ -141,6 +152,9 @@ class Upstream:
         finally:
             with trio.move_on_after(1):
                 await s.aclose()
+            self.closed += 1
+            self._closed_changed.set()
+            self._closed_changed = trio.Event()
 
 
 @dataclass
@@ -170,8 +184,12 @@ class Client:
         self.buf = b""
 
     @classmethod
-    async def open(cls, port: int, ssl_context: ssl.SSLContext | None = None,
-                   server_hostname: str = "localhost") -> Client:
+    async def open(
+        cls,
+        port: int,
+        ssl_context: ssl.SSLContext | None = None,
+        server_hostname: str = "localhost",
+    ) -> Client:
         s: trio.abc.Stream = await trio.open_tcp_stream("127.0.0.1", port)
         if ssl_context is not None:
             s = trio.SSLStream(s, ssl_context, server_hostname=server_hostname)
@@ -222,9 +240,14 @@ class Client:
         assert resp is not None
         return Response(resp.status_code, list(resp.headers), body)
 
-    async def request(self, method: bytes, target: bytes, headers: list[tuple[bytes, bytes]] | None = None,
-                      body: bytes | None = None) -> Response:
-        hs = [(b"Host", b"gw.test")] + list(headers or [])
+    async def request(
+        self,
+        method: bytes,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        body: bytes | None = None,
+    ) -> Response:
+        hs = [(b"Host", b"gw.test"), *(headers or [])]
         if body is not None:
             hs.append((b"Content-Length", str(len(body)).encode()))
         raw = method + b" " + target + b" HTTP/1.1\r\n"
@@ -241,8 +264,9 @@ def endpoint(url: str) -> Endpoint:
 
     u = urlsplit(url)
     port = u.port or (443 if u.scheme == "https" else 80)
-    return Endpoint(url=url, scheme=u.scheme, host=u.hostname or "", port=port,
-                    path_prefix=u.path.rstrip("/"))
+    return Endpoint(
+        url=url, scheme=u.scheme, host=u.hostname or "", port=port, path_prefix=u.path.rstrip("/")
+    )
 
 
 def make_config(
@@ -254,8 +278,9 @@ def make_config(
     routes: list[RouteConfig] | None = None,
     **kw: Any,
 ) -> GatewayConfig:
-    b = BackendConfig(name="fn", endpoints=tuple(endpoint(u) for u in upstream_urls),
-                      **(backend_kw or {}))
+    b = BackendConfig(
+        name="fn", endpoints=tuple(endpoint(u) for u in upstream_urls), **(backend_kw or {})
+    )
     return GatewayConfig(
         listeners=(listener or ListenerConfig(name="main", host="127.0.0.1", port=0),),
         backends={"fn": b},
@@ -263,3 +288,76 @@ def make_config(
         limits=limits or Limits(),
         **kw,
     )
+
+
+async def _kill(proc: trio.Process) -> None:
+    proc.kill()
+
+
+class FastgwProcess:
+    """``python -m fastgw ARGS`` in a subprocess of the test's nursery. Its stdout and
+    stderr lines are collected as they come; ``wait_line`` waits for one (no polling).
+    A test that ends early kills the process."""
+
+    def __init__(self, proc: trio.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self._open_streams = 2
+        self._changed = trio.Event()
+
+    @classmethod
+    async def start(cls, nursery: trio.Nursery, args: list[str]) -> FastgwProcess:
+        proc = await nursery.start(
+            functools.partial(
+                trio.run_process,
+                [sys.executable, "-m", "fastgw", *args],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                check=False,
+                deliver_cancel=_kill,
+            )
+        )
+        self = cls(proc)
+        nursery.start_soon(self._collect, proc.stdout)
+        nursery.start_soon(self._collect, proc.stderr)
+        return self
+
+    async def _collect(self, stream: trio.abc.ReceiveStream) -> None:
+        buf = b""
+        async for data in stream:
+            buf += data
+            *lines, buf = buf.split(b"\n")
+            if lines:
+                self.lines.extend(line.decode() for line in lines)
+                self._wake()
+        if buf:
+            self.lines.append(buf.decode())
+        self._open_streams -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_line(self, pattern: str) -> re.Match[str]:
+        """The first output line matching ``pattern``, once it is printed. Raises
+        AssertionError (with the output) if the process closes its output first."""
+        while True:
+            for line in self.lines:
+                m = re.search(pattern, line)
+                if m is not None:
+                    return m
+            if not self._open_streams:
+                raise AssertionError(f"no line matching {pattern!r} in:\n" + self.output)
+            await self._changed.wait()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    async def wait(self) -> int:
+        """The exit status, once the process exited and its output is all read."""
+        rc = await self.proc.wait()
+        while self._open_streams:
+            await self._changed.wait()
+        return rc

@@ -11,7 +11,9 @@ from fastgw.gateway import Gateway
 from .helpers import Client, Received, Responder, Upstream, make_config
 
 
-async def start(nursery: trio.Nursery, upstream: Upstream | None = None, **kw) -> tuple[Gateway, Upstream, int]:
+async def start(
+    nursery: trio.Nursery, upstream: Upstream | None = None, **kw
+) -> tuple[Gateway, Upstream, int]:
     up = upstream or Upstream()
     port = await nursery.start(up.serve)
     gw = Gateway(make_config([f"http://127.0.0.1:{port}"], **kw))
@@ -20,7 +22,7 @@ async def start(nursery: trio.Nursery, upstream: Upstream | None = None, **kw) -
 
 
 async def test_get_and_keepalive_reuse_both_sides(nursery: trio.Nursery) -> None:
-    gw, up, port = await start(nursery)
+    _, up, port = await start(nursery)
     c = await Client.open(port)
     for i in range(5):
         r = await c.request(b"GET", b"/hello?i=%d" % i)
@@ -36,10 +38,18 @@ async def test_get_and_keepalive_reuse_both_sides(nursery: trio.Nursery) -> None
 
 async def test_forwarding_headers_and_hop_by_hop_removed(nursery: trio.Nursery) -> None:
     async def handler(req: Received, r: Responder) -> None:
-        await r.respond(200, b"x", [(b"connection", b"x-secret"), (b"x-secret", b"1"),
-                                     (b"keep-alive", b"timeout=5"), (b"x-kept", b"yes")])
+        await r.respond(
+            200,
+            b"x",
+            [
+                (b"connection", b"x-secret"),
+                (b"x-secret", b"1"),
+                (b"keep-alive", b"timeout=5"),
+                (b"x-kept", b"yes"),
+            ],
+        )
 
-    gw, up, port = await start(nursery, Upstream(handler=handler))
+    _, up, port = await start(nursery, Upstream(handler=handler))
     c = await Client.open(port)
     r = await c.request(
         b"GET",
@@ -75,7 +85,7 @@ async def test_forwarding_headers_and_hop_by_hop_removed(nursery: trio.Nursery) 
 
 
 async def test_invalid_request_id_is_replaced(nursery: trio.Nursery) -> None:
-    gw, up, port = await start(nursery)
+    _, up, port = await start(nursery)
     c = await Client.open(port)
     r = await c.request(b"GET", b"/", [(b"X-Request-Id", b"bad id\twith spaces")])
     rid = r.header(b"x-request-id")
@@ -87,7 +97,7 @@ async def test_post_body_and_chunked_both_ways(nursery: trio.Nursery) -> None:
     async def handler(req: Received, r: Responder) -> None:
         await r.respond(200, req.body[::-1], chunked=True)
 
-    gw, up, port = await start(nursery, Upstream(handler=handler))
+    _, up, port = await start(nursery, Upstream(handler=handler))
     c = await Client.open(port)
     r = await c.request(b"POST", b"/p", [(b"Content-Type", b"application/json")], b'{"a":1}')
     assert r.status == 200 and r.body == b'}1:"a"{'
@@ -107,7 +117,7 @@ async def test_pipelined_requests_answered_in_order(nursery: trio.Nursery) -> No
     async def handler(req: Received, r: Responder) -> None:
         await r.respond(200, req.target)
 
-    gw, up, port = await start(nursery, Upstream(handler=handler))
+    _, up, port = await start(nursery, Upstream(handler=handler))
     c = await Client.open(port)
     await c.send_raw(
         b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n"
@@ -120,7 +130,7 @@ async def test_pipelined_requests_answered_in_order(nursery: trio.Nursery) -> No
 
 
 async def test_http10_client_gets_close_or_keepalive(nursery: trio.Nursery) -> None:
-    gw, up, port = await start(nursery)
+    _, _, port = await start(nursery)
     c = await Client.open(port)
     await c.send_raw(b"GET /x HTTP/1.0\r\n\r\n")
     raw = await c.read_raw_until_close()
@@ -134,7 +144,7 @@ async def test_http10_client_gets_close_or_keepalive(nursery: trio.Nursery) -> N
 
 async def test_routes_by_prefix_strip_and_404(nursery: trio.Nursery) -> None:
     routes = [RouteConfig(name="api", backend="fn", path_prefix="/api", strip_prefix=True)]
-    gw, up, port = await start(nursery, routes=routes)
+    _, up, port = await start(nursery, routes=routes)
     c = await Client.open(port)
     r = await c.request(b"GET", b"/api/v1/x?q=1")
     assert r.status == 200
@@ -166,7 +176,7 @@ async def test_head_request_no_body(nursery: trio.Nursery) -> None:
         await r.send(h11.Response(status_code=200, headers=[(b"content-length", b"100")]))
         await r.send(h11.EndOfMessage())
 
-    gw, up, port = await start(nursery, Upstream(handler=handler))
+    _, up, port = await start(nursery, Upstream(handler=handler))
     c = await Client.open(port)
     r = await c.request(b"HEAD", b"/")
     assert r.status == 200 and r.body == b"" and r.header(b"content-length") == b"100"

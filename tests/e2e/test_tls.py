@@ -67,13 +67,19 @@ async def test_tls_upstream_untrusted_is_502(nursery: trio.Nursery, ca: trustme.
     assert up.received == []
 
 
-async def test_tls_upstream_wrong_name_is_502(nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path) -> None:
+async def test_tls_upstream_wrong_name_is_502(
+    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path
+) -> None:
     up = Upstream(ssl_context=upstream_ctx(ca))
     uport = await nursery.start(up.serve)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    gw = Gateway(make_config([f"https://127.0.0.1:{uport}"],
-                             backend_kw={"ca_file": str(ca_file), "server_name": "other.test"}))
+    gw = Gateway(
+        make_config(
+            [f"https://127.0.0.1:{uport}"],
+            backend_kw={"ca_file": str(ca_file), "server_name": "other.test"},
+        )
+    )
     port = (await nursery.start(gw.serve))[0][1]
     c = await Client.open(port)
     assert (await c.request(b"GET", b"/")).status == 502
@@ -85,9 +91,17 @@ async def test_mtls_to_upstream(nursery: trio.Nursery, ca: trustme.CA, tmp_path:
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
     cert, key = files(tmp_path, ca.issue_cert("gateway.client.test"), "client")
-    gw = Gateway(make_config([f"https://127.0.0.1:{uport}"], backend_kw={
-        "ca_file": str(ca_file), "client_cert_file": cert, "client_key_file": key,
-        "server_name": "fn.test"}))
+    gw = Gateway(
+        make_config(
+            [f"https://127.0.0.1:{uport}"],
+            backend_kw={
+                "ca_file": str(ca_file),
+                "client_cert_file": cert,
+                "client_key_file": key,
+                "server_name": "fn.test",
+            },
+        )
+    )
     port = (await nursery.start(gw.serve))[0][1]
     c = await Client.open(port)
     r = await c.request(b"GET", b"/")
@@ -97,7 +111,9 @@ async def test_mtls_to_upstream(nursery: trio.Nursery, ca: trustme.CA, tmp_path:
     assert ("DNS", "gateway.client.test") in seen["subjectAltName"]
 
 
-async def test_tls_listener_and_mtls_callers(nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path) -> None:
+async def test_tls_listener_and_mtls_callers(
+    nursery: trio.Nursery, ca: trustme.CA, tmp_path: Path
+) -> None:
     peers: list[object] = []
 
     async def handler(req: Received, r: Responder) -> None:
@@ -109,8 +125,15 @@ async def test_tls_listener_and_mtls_callers(nursery: trio.Nursery, ca: trustme.
     cert, key = files(tmp_path, ca.issue_cert("localhost"), "server")
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    lc = ListenerConfig(name="tls", host="127.0.0.1", port=0, tls_cert_file=cert,
-                        tls_key_file=key, client_ca_file=str(ca_file), client_cert="required")
+    lc = ListenerConfig(
+        name="tls",
+        host="127.0.0.1",
+        port=0,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        client_ca_file=str(ca_file),
+        client_cert="required",
+    )
     gw = Gateway(make_config([f"http://127.0.0.1:{uport}"], listener=lc))
     port = (await nursery.start(gw.serve))[0][1]
 
