@@ -43,13 +43,14 @@ from fastgw._core.http import (
 )
 from fastgw.errors import ProtocolError
 from fastgw.transport import PlainTransport
-from fastgw.upstream.pool import UpstreamConn, UpstreamConnectError
+from fastgw.upstream.pool import Pool, UpstreamConn, UpstreamConnectError
 
 if TYPE_CHECKING:
     from fastgw.gateway import Gateway
     from fastgw.router import Route
 
 _clock = time.perf_counter
+_wall = time.time
 
 # Phases, for what a fired deadline means.
 IDLE = 0
@@ -346,9 +347,12 @@ class Downstream:
                 self.upconn = None
                 gw.count_error("dead_pooled_connection")
         if not sent:
-            conn = await self._connect_and_send(pool, first, rid)
+            # After an error the client connection stays usable only if the whole
+            # request was read (its framing is then not in doubt).
+            keep = replayable and head.keep_alive and not gw.draining
+            conn = await self._connect_and_send(pool, first, rid, keep)
             if conn is None:
-                return buf, pos, False
+                return buf, pos, keep
         ut = conn.transport
 
         # Stream the rest of the request body, client -> upstream.
@@ -380,6 +384,7 @@ class Downstream:
         fb = gw.now + bcfg.first_byte_timeout_s
         self.deadline = fb if fb < deadline_total else deadline_total
         is_head = method == b"HEAD"
+        retries = 0
         t_sent = _clock()
         try:
             try:
@@ -387,14 +392,16 @@ class Downstream:
             except _NothingBack:
                 if not (replayable and idempotent and conn.exchanges > 0):
                     raise
+                retries = 1
                 # A reused connection that the function's side had closed: the request
                 # never reached it. Once more on a fresh connection.
                 pool.release(conn, False)
                 self.upconn = None
                 gw.count_error("dead_pooled_connection")
-                conn = await self._connect_and_send(pool, first, rid)
+                keep = head.keep_alive and not gw.draining
+                conn = await self._connect_and_send(pool, first, rid, keep)
                 if conn is None:
-                    return buf, pos, False
+                    return buf, pos, keep
                 ut = conn.transport
                 rh, ubuf, upos = await self._response_head(ut, is_head)
         except (ProtocolError, UpstreamFailed, OSError) as e:
@@ -407,10 +414,13 @@ class Downstream:
             else:
                 code, detail = "upstream_reset", "upstream connection failed"
             gw.count_error(code)
-            await self.send_error(502, code, detail, rid, close=True)
-            return buf, pos, False
+            # The request was read whole: the client connection is still in sync.
+            keep = head.keep_alive and not gw.draining
+            await self.send_error(502, code, detail, rid, close=not keep)
+            return buf, pos, keep
 
-        backend.first_byte.observe(_clock() - t_sent)
+        fb_s = _clock() - t_sent
+        backend.first_byte.observe(fb_s)
 
         # Response head and body, upstream -> client.
         keep = head.keep_alive and not gw.draining
@@ -497,8 +507,22 @@ class Downstream:
         pool.release(conn, reusable, gw.now)
         self.upconn = None
         self.phase = DONE
-        route.status_counts[rh.status // 100] += 1
-        route.duration.observe(_clock() - self.t0)
+        status = rh.status
+        route.status_counts[status // 100] += 1
+        dur = _clock() - self.t0
+        route.duration.observe(dur)
+        audit = gw.audit
+        if audit is not None and (status >= 400 or audit.wants_success()):
+            audit.record(
+                (
+                    _wall(), rid, self.peer_ip, route.name, backend.name, pool.endpoint.url,
+                    status, "allow", None, None, None, None, dur, fb_s,
+                    head.content_length if kind == BODY_LENGTH
+                    else (reader.body_bytes if reader is not None else 0),
+                    rh.content_length if ukind == BODY_LENGTH else None,
+                    retries, head.get(b"traceparent"),
+                )
+            )  # fmt: skip
         return buf, pos, keep
 
     async def _response_head(self, ut: PlainTransport, is_head: bool):  # type: ignore[no-untyped-def]
@@ -539,9 +563,11 @@ class Downstream:
             raise UpstreamFailed(502, "upstream_closed", "upstream closed mid-response", sent=True)
         return data
 
-    async def _connect_and_send(self, pool, first: bytes, rid: bytes) -> UpstreamConn | None:  # type: ignore[no-untyped-def]
+    async def _connect_and_send(
+        self, pool: Pool, first: bytes, rid: bytes, keep: bool
+    ) -> UpstreamConn | None:
         """Open a fresh connection (or wait for one at the pool's cap), send ``first``.
-        On failure answers the client and returns None."""
+        On failure answers the client (closing unless ``keep``) and returns None."""
         gw = self.gw
         try:
             conn = await pool.acquire(fresh=True)
@@ -556,7 +582,7 @@ class Downstream:
                 status, code = 502, "upstream_unreachable"
                 detail = "could not connect to the function endpoint"
             gw.count_error(code)
-            await self.send_error(status, code, detail, rid, close=True)
+            await self.send_error(status, code, detail, rid, close=not keep)
             return None
         self.upconn = conn
         try:
@@ -566,7 +592,7 @@ class Downstream:
             self.upconn = None
             gw.count_error("upstream_reset")
             await self.send_error(
-                502, "upstream_reset", "upstream connection failed", rid, close=True
+                502, "upstream_reset", "upstream connection failed", rid, close=not keep
             )
             return None
         return conn
@@ -617,11 +643,21 @@ class Downstream:
     ) -> None:
         self.answered = True
         route = self.route
+        dur = _clock() - self.t0
         if route is not None:
             route.status_counts[status // 100] += 1
-            route.duration.observe(_clock() - self.t0)
+            route.duration.observe(dur)
         else:
             self.gw.unrouted_counts[status // 100] += 1
+        audit = self.gw.audit
+        if audit is not None:
+            audit.record(
+                (
+                    _wall(), rid, self.peer_ip, route.name if route else None,
+                    route.backend.name if route else None, None, status,
+                    "error", code, None, None, None, dur, None, None, None, 0, None,
+                )
+            )  # fmt: skip
         try:
             await self.t.send_all(error_response(status, code, detail, rid, close=close))
         except OSError:

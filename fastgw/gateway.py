@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import trio
 
 from fastgw._core.http import StripSet
+from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
 from fastgw.downstream import Downstream
 from fastgw.errors import ProtocolError
@@ -106,8 +107,9 @@ class Gateway:
         self._rid_counter = 0
         self._no_connections = trio.Event()
         self._no_connections.set()
-        self._listeners: dict[tuple[str, int], _Listener] = {}
+        self._listeners: dict[tuple, _Listener] = {}
         self._limiter = trio.CapacityLimiter(config.limits.max_connections)
+        self.audit: AuditLog | None = AuditLog(config.audit) if config.audit.enabled else None
         self.reloads_ok = 0
         self.reloads_failed = 0
         self.last_reload_ok_unix = time.time()
@@ -179,6 +181,8 @@ class Gateway:
                     self._start_listener(lst)
                 self.now = trio.current_time()
                 nursery.start_soon(self._watchdog)
+                if self.audit is not None:
+                    nursery.start_soon(self.audit.run)
                 if self.state.config.admin is not None:
                     from fastgw.admin import serve_admin
 
@@ -229,12 +233,13 @@ class Gateway:
         self.last_reload_ok_unix = time.time()
 
     def _bind_all(
-        self, configs: Sequence[ListenerConfig], current: dict[tuple[str, int], _Listener]
-    ) -> dict[tuple[str, int], _Listener]:
-        out: dict[tuple[str, int], _Listener] = {}
+        self, configs: Sequence[ListenerConfig], current: dict[tuple, _Listener]
+    ) -> dict[tuple, _Listener]:
+        out: dict[tuple, _Listener] = {}
         try:
             for lc in configs:
-                key = (lc.host, lc.port)
+                # Port 0 means "any port": such listeners are told apart by name.
+                key = (lc.host, lc.port) if lc.port else (lc.host, 0, lc.name)
                 ctx = _listener_tls_context(lc) if lc.tls else None
                 prev = current.get(key)
                 if prev is not None:

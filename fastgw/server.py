@@ -1,32 +1,99 @@
 """The daemon: run a Gateway under trio with signal handling and graceful drain.
 
-SIGTERM or SIGINT: stop accepting, let requests in flight finish for up to the config's
-``drain_timeout_s``, then exit 0 (1 if connections had to be cut). The workers issue adds
-a supervisor here; one process for now.
+- SIGTERM or SIGINT: stop accepting, let requests in flight finish for up to the config's
+  ``drain_timeout_s``, then exit 0 (1 if connections had to be cut).
+- SIGHUP: reload. The whole new config is loaded and validated (in a worker thread, so a
+  large map file does not stall the loop), then swapped in atomically; on any problem
+  the old config keeps serving, the problems are printed the way ``fastgw check`` prints
+  them, and the failure is counted (``fastgw_config_reloads_total{result="failed"}``).
+- SIGUSR1: reopen the audit log file (after log rotation moved it).
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable
 
 import trio
 
+from fastgw.config.loader import load_config
 from fastgw.config.model import GatewayConfig
+from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway, bound_urls
 
 Ready = Callable[[list[tuple[str, int]]], None]
 
 
-async def serve_until_signalled(gw: Gateway, ready: Ready | None = None) -> int:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+def format_problems(e: ConfigError) -> list[str]:
+    """The lines ``fastgw check`` prints for a ConfigError."""
+    return [f"{f}: {k}: {m}" if k else f"{f}: {m}" for f, k, m in e.problems]
+
+
+async def reload_from(gw: Gateway, path: str) -> bool:
+    """Load ``path`` and swap it in; on failure keep serving the old config. Returns
+    whether the reload took effect."""
+    try:
+        config = await trio.to_thread.run_sync(load_config, path)
+    except ConfigError as e:
+        gw.reloads_failed += 1
+        for line in format_problems(e):
+            print(line, file=sys.stderr)
+        print(
+            f"fastgw: reload of {path} failed; the previous config keeps serving",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    except Exception as e:  # a loader bug must not take the running gateway down
+        gw.reloads_failed += 1
+        print(
+            f"fastgw: reload of {path} failed (internal error: {type(e).__name__}: {e}); "
+            "the previous config keeps serving",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    try:
+        gw.reload(config)
+    except (OSError, ssl.SSLError) as e:
+        gw.reloads_failed += 1
+        print(
+            f"fastgw: reload of {path} failed: {e}; the previous config keeps serving",
+            file=sys.stderr,
+            flush=True,
+        )
+        return False
+    print(f"fastgw: reloaded {path}", file=sys.stderr, flush=True)
+    return True
+
+
+async def serve_until_signalled(
+    gw: Gateway, ready: Ready | None = None, config_path: str | None = None
+) -> int:
+    sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1]
+    with trio.open_signal_receiver(*sigs) as signals:
         async with trio.open_nursery() as nursery:
             addrs = await nursery.start(gw.serve)
             if ready is not None:
                 ready(addrs)
-            async for _ in signals:
-                break
+            async for sig in signals:
+                if sig == signal.SIGHUP:
+                    if config_path is None:
+                        print(
+                            "fastgw: SIGHUP ignored: no config file to reload",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                    else:
+                        await reload_from(gw, config_path)
+                elif sig == signal.SIGUSR1:
+                    if gw.audit is not None:
+                        gw.audit.reopen()
+                else:
+                    break
             print("fastgw: draining", file=sys.stderr, flush=True)
             clean = await gw.drain()
             nursery.cancel_scope.cancel()
@@ -41,12 +108,21 @@ def _print_ready(config: GatewayConfig) -> Ready:
     return ready
 
 
-def run(config: GatewayConfig, *, demo: bool = False, ready: Ready | None = None) -> int:
-    """Serve ``config`` until SIGTERM/SIGINT; returns the process exit code."""
+def run(
+    config: GatewayConfig,
+    *,
+    demo: bool = False,
+    ready: Ready | None = None,
+    config_path: str | None = None,
+) -> int:
+    """Serve ``config`` until SIGTERM/SIGINT; returns the process exit code. SIGHUP
+    reloads from ``config_path`` (default: the file ``config`` was loaded from)."""
     if demo:
         return run_demo(config.listeners[0].port if config.listeners else 8080)
+    if config_path is None and os.path.isfile(config.source):
+        config_path = config.source
     gw = Gateway(config)
-    return trio.run(serve_until_signalled, gw, ready or _print_ready(config))
+    return trio.run(serve_until_signalled, gw, ready or _print_ready(config), config_path)
 
 
 def run_demo(listen_port: int = 8080) -> int:
