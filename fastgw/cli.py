@@ -84,7 +84,24 @@ def _make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --demo: the gateway's port on 127.0.0.1 (default 8080)",
     )
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the listening ports (default 1)",
+    )
     return parser
+
+
+def _workers(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 1 <= n <= 256:
+        raise argparse.ArgumentTypeError(f"workers must be 1-256, got {n}")
+    return n
 
 
 def _port(text: str) -> int:
@@ -111,6 +128,9 @@ def _serve(args: argparse.Namespace) -> int:
         port = 8080 if args.port is None else args.port
         return int(_server_module().run_demo(port))
     config = _load(args.config)
+    if args.workers > 1:
+        supervisor = importlib.import_module("fastgw.supervisor")
+        return int(supervisor.run_workers(config, args.config, args.workers))
     return int(_server_module().run(config))
 
 

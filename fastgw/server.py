@@ -23,6 +23,7 @@ from fastgw.config.loader import load_config
 from fastgw.config.model import GatewayConfig
 from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway, bound_urls
+from fastgw.supervisor import WORKER_ENV, worker_overrides
 
 Ready = Callable[[list[tuple[str, int]]], None]
 
@@ -37,6 +38,8 @@ async def reload_from(gw: Gateway, path: str) -> bool:
     whether the reload took effect."""
     try:
         config = await trio.to_thread.run_sync(load_config, path)
+        if os.environ.get(WORKER_ENV):
+            config = worker_overrides(config)
     except ConfigError as e:
         gw.reloads_failed += 1
         for line in format_problems(e):
@@ -100,8 +103,11 @@ async def serve_until_signalled(
     return 0 if clean else 1
 
 
-def _print_ready(config: GatewayConfig) -> Ready:
+def _print_ready(config: GatewayConfig, gw: Gateway) -> Ready:
     def ready(addrs: list[tuple[str, int]]) -> None:
+        if gw.admin_address is not None:
+            host, port = gw.admin_address
+            print(f"fastgw: admin on http://{host}:{port}", file=sys.stderr, flush=True)
         urls = bound_urls(addrs, [lc.tls for lc in config.listeners])
         print("fastgw: listening on " + ", ".join(urls), file=sys.stderr, flush=True)
 
@@ -121,8 +127,11 @@ def run(
         return run_demo(config.listeners[0].port if config.listeners else 8080)
     if config_path is None and os.path.isfile(config.source):
         config_path = config.source
-    gw = Gateway(config)
-    return trio.run(serve_until_signalled, gw, ready or _print_ready(config), config_path)
+    worker = bool(os.environ.get(WORKER_ENV))
+    if worker:
+        config = worker_overrides(config)
+    gw = Gateway(config, reuse_port=worker)
+    return trio.run(serve_until_signalled, gw, ready or _print_ready(config, gw), config_path)
 
 
 def run_demo(listen_port: int = 8080) -> int:

@@ -352,9 +352,10 @@ class _Builder:
                 admin = _table(self, file, "admin", data["admin"])
                 if admin is not None:
                     self._admin(file, admin)
-            audit = _table(self, file, "audit", data.get("audit", {}))
-            if audit is not None:
-                self._audit(file, base_dir, audit)
+            if "audit" in data:  # no [audit] table: no audit log
+                audit = _table(self, file, "audit", data["audit"])
+                if audit is not None:
+                    self._audit(file, base_dir, audit)
         if not isinstance(data.get("listeners", []), list):
             self.saw_listeners = True  # malformed, reported: "no listeners" would only add noise
         listeners = _array_of_tables(self, file, "listeners", data.get("listeners", []))

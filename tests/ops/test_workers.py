@@ -1,0 +1,108 @@
+"""``fastgw serve --workers 2``: both workers serve one port, a killed worker is replaced
+within a second while the other keeps serving, and /metrics covers the group."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import h11
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.e2e.helpers import Client, FastgwProcess, Upstream
+
+
+def children(pid: int) -> set[int]:
+    out: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+        out.update(int(x) for x in text.split())
+    return out
+
+
+def worker_of(resp_rid: bytes) -> bytes:
+    return resp_rid[:12]  # each process's request ids share a random 12-hex prefix
+
+
+async def test_two_workers_share_load_and_survive_a_kill(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    up = Upstream()
+    uport = await nursery.start(up.serve)
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        '[admin]\naddress = "127.0.0.1:0"\n'
+        '[[listeners]]\nname = "main"\naddress = "127.0.0.1:0"\n'
+        f'[backends.fn]\nendpoints = ["http://127.0.0.1:{uport}"]\n'
+        '[[routes]]\nname = "all"\npath_prefix = "/"\nbackend = "fn"\n'
+    )
+    p = await FastgwProcess.start(nursery, ["serve", "-c", str(conf), "--workers", "2"])
+    with trio.fail_after(30):
+        port = int((await p.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")).group(1))
+        admin = int((await p.wait_line(r"admin on http://127\.0\.0\.1:(\d+)")).group(1))
+
+        # 40 connections, 10 requests each: the kernel spreads connections over both.
+        counts: dict[bytes, int] = {}
+        clients = [await Client.open(port) for _ in range(40)]
+        for _ in range(10):
+            for c in clients:
+                r = await c.request(b"GET", b"/")
+                assert r.status == 200
+                w = worker_of(r.header(b"x-request-id") or b"")
+                counts[w] = counts.get(w, 0) + 1
+        assert len(counts) == 2, counts
+        a, b = counts.values()
+        assert abs(a - b) <= 0.2 * max(a, b) * 2, counts  # within 20% of the mean
+
+        # Group metrics add up both workers.
+        mc = await Client.open(admin)
+        text = (await mc.request(b"GET", b"/metrics")).body.decode()
+        total = sum(
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "fastgw_requests_total"
+        )
+        assert total == 400
+
+        # Kill one worker: its clients lose their connections; the other worker's
+        # clients see no failure, and a replacement serves within a second.
+        by_client = {}
+        for c in clients:
+            r = await c.request(b"GET", b"/")
+            by_client[c] = worker_of(r.header(b"x-request-id") or b"")
+        before = children(p.proc.pid)
+        assert len(before) == 2
+        victim = min(before)
+        os.kill(victim, signal.SIGKILL)
+        t0 = trio.current_time()
+        failed: dict[bytes, int] = {}
+        served: dict[bytes, int] = {}
+        for c, prefix in by_client.items():
+            try:
+                r = await c.request(b"GET", b"/")
+                assert r.status == 200
+                served[prefix] = served.get(prefix, 0) + 1
+            except (EOFError, trio.BrokenResourceError, h11.RemoteProtocolError):
+                failed[prefix] = failed.get(prefix, 0) + 1
+        # Exactly one worker's clients failed, all of them; the other's all succeeded.
+        assert len(failed) == 1 and len(served) == 1, (failed, served)
+        assert set(failed) != set(served)
+        # Poll for the replacement: another process's start has no event to wait on.
+        new_prefix = None
+        while new_prefix is None:
+            c = await Client.open(port)
+            r = await c.request(b"GET", b"/")
+            assert r.status == 200
+            w = worker_of(r.header(b"x-request-id") or b"")
+            if w not in counts:
+                new_prefix = w
+            await c.aclose()
+            await trio.sleep(0.01)
+        replaced_in = trio.current_time() - t0
+        assert replaced_in < 1.0, replaced_in
+        assert len(children(p.proc.pid) - before) == 1
+        p.proc.send_signal(signal.SIGTERM)
+        assert await p.proc.wait() == 0
