@@ -678,6 +678,10 @@ cdef int _apply_framing(Head h, const unsigned char* p, bint is_request,
                 if e2 > ts:
                     if _token_ieq(p + ts, e2 - ts, b"close", 5):
                         saw_close = True
+                        # Every option names a hop-by-hop field, "close" too (RFC 9110
+                        # 7.6.1). keep-alive and upgrade need no marking: Keep-Alive is
+                        # always dropped, and Upgrade must survive in a 101.
+                        _mark_conn_listed(h, p, p + ts, e2 - ts)
                     elif _token_ieq(p + ts, e2 - ts, b"keep-alive", 10):
                         saw_ka = True
                     elif _token_ieq(p + ts, e2 - ts, b"upgrade", 7):

@@ -282,6 +282,8 @@ INVALID: list[tuple[str, bytes, type[ProtocolError], int]] = [
     ("name-separator", req(H + b"X(Foo): a\r\n"), BadRequest, 400),
     ("name-obs-text", req(H + b"X-F\xe9: a\r\n"), BadRequest, 400),
     ("name-del", req(H + b"X-F\x7f: a\r\n"), BadRequest, 400),
+    ("name-bare-cr", req(H + b"X-F\roo: a\r\n"), BadRequest, 400),
+    ("name-ctl", req(H + b"X-F\x01: a\r\n"), BadRequest, 400),
     ("value-nul", req(H + b"X-Foo: a\x00b\r\n"), BadRequest, 400),
     ("value-bare-cr", req(H + b"X-Foo: a\rb\r\n"), BadRequest, 400),
     ("value-bare-cr-at-end", req(H + b"X-Foo: a\r\r\n"), BadRequest, 400),

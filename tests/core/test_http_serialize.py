@@ -321,13 +321,13 @@ def field_names() -> st.SearchStrategy[bytes]:
     managed = st.sampled_from(sorted(MANAGED - {b"host", b"content-length", b"transfer-encoding"}))
     mixed = managed.flatmap(lambda n: st.sampled_from([n, n.upper(), n.title()]))
     return st.one_of(
-        generic, mixed, st.sampled_from([b"X-Hop", b"Cookie", b"Accept", b"x-api-key"])
+        generic, mixed, st.sampled_from([b"X-Hop", b"Cookie", b"Accept", b"x-api-key", b"Close"])
     )
 
 
 def connection_values() -> st.SearchStrategy[bytes]:
     tokens = st.sampled_from(
-        [b"keep-alive", b"close", b"X-Hop", b"x-api-key", b"Upgrade", b"cookie"]
+        [b"keep-alive", b"close", b"X-Hop", b"x-api-key", b"Upgrade", b"cookie", b"Close"]
     )
     return st.lists(tokens, min_size=1, max_size=3).map(b", ".join)
 
@@ -353,8 +353,9 @@ def conn_listed(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
     for name, value in headers:
         if name.lower() == b"connection":
             listed |= {t.strip().lower() for t in value.split(b",")}
-    # "close", "keep-alive" and "upgrade" are options the parser interprets itself.
-    return listed - {b"close", b"keep-alive", b"upgrade"}
+    # Keep-Alive is dropped anyway and Upgrade must survive in a 101: the parser does
+    # not mark fields for those two options.
+    return listed - {b"keep-alive", b"upgrade"}
 
 
 def copied(headers: list[tuple[bytes, bytes]], strip: set[bytes]) -> list[tuple[bytes, bytes]]:
@@ -499,3 +500,12 @@ def test_response_round_trip(case: tuple[bytes, bool]) -> None:
     else:
         expected = kept + framing + added
     assert down.headers == expected
+
+
+def test_connection_options_name_hop_by_hop_fields_close_included() -> None:
+    h = parse_req(
+        b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close, X-Trace\r\nClose: 1\r\n"
+        b"x-trace: 2\r\nX-Kept: 3\r\n\r\n"
+    )
+    up = parse_req(build_request_head(h, host=b"up"))
+    assert up.headers == [(b"Host", b"up"), (b"X-Kept", b"3"), (b"X-Forwarded-Host", b"a")]
