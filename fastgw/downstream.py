@@ -340,7 +340,10 @@ class Downstream:
         if conn is not None:
             self.upconn = conn
             try:
-                await conn.transport.send_all(first)
+                ut = conn.transport
+                n = ut.send_nowait(first)
+                if n != len(first):
+                    await ut.send_all(first[n:] if n else first)
                 sent = True
             except OSError:
                 pool.release(conn, False)
@@ -388,7 +391,16 @@ class Downstream:
         t_sent = _clock()
         try:
             try:
-                rh, ubuf, upos = await self._response_head(ut, is_head)
+                # Fast path: the whole final head in the first read.
+                try:
+                    ubuf = await ut.recv_after_wait()
+                except (ConnectionResetError, BrokenPipeError):
+                    ubuf = b""
+                rh = parse_response_head(ubuf, 0, request_was_head=is_head) if ubuf else None
+                if rh is not None and (rh.status >= 200 or rh.status == 101):
+                    upos = rh.head_len
+                else:
+                    rh, ubuf, upos = await self._response_head(ut, is_head, ubuf)
             except _NothingBack:
                 if not (replayable and idempotent and conn.exchanges > 0):
                     raise
@@ -403,7 +415,7 @@ class Downstream:
                 if conn is None:
                     return buf, pos, keep
                 ut = conn.transport
-                rh, ubuf, upos = await self._response_head(ut, is_head)
+                rh, ubuf, upos = await self._response_head(ut, is_head, None)
         except (ProtocolError, UpstreamFailed, OSError) as e:
             pool.release(conn, False)
             self.upconn = None
@@ -447,7 +459,10 @@ class Downstream:
                     # The whole body came with the head: the common case for functions.
                     if avail > left:
                         reusable = False
-                    await t.send_all(out_head + ubuf[upos : upos + left] if left else out_head)
+                    out = out_head + ubuf[upos : upos + left] if left else out_head
+                    n = t.send_nowait(out)
+                    if n != len(out):
+                        await t.send_all(out[n:] if n else out)
                 else:
                     await t.send_all(out_head + ubuf[upos:] if avail else out_head)
                     left -= avail
@@ -525,14 +540,16 @@ class Downstream:
             )  # fmt: skip
         return buf, pos, keep
 
-    async def _response_head(self, ut: PlainTransport, is_head: bool):  # type: ignore[no-untyped-def]
-        """Read until a final response head; returns (head, buffer, body offset).
-        Raises _NothingBack when the connection ended before any byte came back,
-        UpstreamFailed when it ended later, ProtocolError on a malformed head."""
-        try:
-            ubuf = await ut.recv_after_wait()
-        except (ConnectionResetError, BrokenPipeError):
-            raise _NothingBack() from None
+    async def _response_head(self, ut: PlainTransport, is_head: bool, ubuf: bytes | None):  # type: ignore[no-untyped-def]
+        """Read until a final response head, starting from ``ubuf`` if the first read
+        was done already; returns (head, buffer, body offset). Raises _NothingBack when
+        the connection ended before any byte came back, UpstreamFailed when it ended
+        later, ProtocolError on a malformed head."""
+        if ubuf is None:
+            try:
+                ubuf = await ut.recv_after_wait()
+            except (ConnectionResetError, BrokenPipeError):
+                raise _NothingBack() from None
         if not ubuf:
             raise _NothingBack()
         upos = 0

@@ -62,6 +62,15 @@ class PlainTransport:
         except BlockingIOError:
             return None
 
+    def send_nowait(self, data: bytes) -> int:
+        """Bytes written without waiting (0 if the kernel buffer is full). The caller
+        finishes with ``send_all(data[n:])`` when this is short: the hot path pays one
+        system call and no coroutine when the whole response fits, as it usually does."""
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.sock
         try:
@@ -206,6 +215,9 @@ class TLSTransport(PlainTransport):
                     self._in.write(raw)
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return b""
+
+    def send_nowait(self, data: bytes) -> int:
+        return 0  # TLS always goes through send_all (records, renegotiation, flushing)
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         self._obj.write(data)
