@@ -122,3 +122,58 @@ async def test_sighup_reload_and_failed_reload_keeps_old_config(
 
         p.proc.send_signal(signal.SIGTERM)
         assert await p.proc.wait() == 0
+
+
+async def test_reload_under_load_no_failed_requests(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Steady keep-alive traffic from 20 clients while SIGHUP swaps in a config with a
+    new route and a changed limit: every request gets its 200, no connection resets."""
+    up = Upstream(handler=tagged(b"U"))
+    uport = await nursery.start(up.serve)
+    conf = tmp_path / "gateway.toml"
+
+    def write(extra: str, max_body: int) -> None:
+        conf.write_text(
+            f"[limits]\nmax_body_bytes = {max_body}\n"
+            '[[listeners]]\nname = "main"\naddress = "127.0.0.1:0"\n'
+            f'[backends.fn]\nendpoints = ["http://127.0.0.1:{uport}"]\n'
+            '[[routes]]\nname = "a"\npath_prefix = "/a"\nbackend = "fn"\n' + extra
+        )
+
+    write("", 1000)
+    p = await FastgwProcess.start(nursery, ["serve", "-c", str(conf)])
+    with trio.fail_after(60):
+        port = int((await p.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")).group(1))
+        failures: list[str] = []
+        done = 0
+        halfway = trio.Event()
+
+        async def client(i: int) -> None:
+            nonlocal done
+            c = await Client.open(port)
+            for n in range(150):
+                try:
+                    r = await c.request(b"POST", b"/a/%d" % n, body=b"x" * 10)
+                    if r.status != 200:
+                        failures.append(f"client {i} request {n}: {r.status}")
+                except Exception as e:  # a reset or a closed connection is a failure
+                    failures.append(f"client {i} request {n}: {e!r}")
+                    return
+                done += 1
+                if done == 20 * 50:
+                    halfway.set()
+
+        async with trio.open_nursery() as clients:
+            for i in range(20):
+                clients.start_soon(client, i)
+            await halfway.wait()
+            write('[[routes]]\nname = "b"\npath_prefix = "/b"\nbackend = "fn"\n', 50)
+            p.proc.send_signal(signal.SIGHUP)
+            await count_lines(p, r"fastgw: reloaded", 1)
+        assert failures == []
+        assert done == 20 * 150
+        # The new config is in force: new route, new limit.
+        c = await Client.open(port)
+        assert (await c.request(b"GET", b"/b/x")).status == 200
+        assert (await c.request(b"POST", b"/a/x", body=b"x" * 60)).status == 413
+        p.proc.send_signal(signal.SIGTERM)
+        assert await p.proc.wait() == 0
