@@ -132,6 +132,7 @@ class Downstream:
         "deadline",
         "gw",
         "idle",
+        "linger",
         "peer_ip",
         "phase",
         "proto",
@@ -160,6 +161,9 @@ class Downstream:
         self.upconn: UpstreamConn | None = None
         # True once any byte of a response to the current request went to the client.
         self.answered = False
+        # Set when an error answer closes the connection: the gateway then drains what
+        # the client still sends before closing, so the answer is not lost to a RST.
+        self.linger = False
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -659,6 +663,8 @@ class Downstream:
         self, status: int, code: str, detail: str, rid: bytes, *, close: bool
     ) -> None:
         self.answered = True
+        if close and status != 408:  # a client too slow to send is not worth waiting for
+            self.linger = True
         route = self.route
         dur = _clock() - self.t0
         if route is not None:

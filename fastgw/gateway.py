@@ -376,6 +376,8 @@ class Gateway:
             if scope.cancelled_caught:
                 with trio.move_on_after(1.0):
                     await d.answer_timeout()
+            if d.linger:
+                await _lingering_close(t)
         finally:
             if d.upconn is not None:
                 d.upconn.pool.release(d.upconn, False)
@@ -385,6 +387,34 @@ class Gateway:
             self._limiter.release_on_behalf_of(token)
             if not self.connections:
                 self._no_connections.set()
+
+
+# Lingering close (as nginx does): after answering an error and closing, a client may
+# still be sending its body; closing with unread bytes makes the kernel send a RST that
+# can destroy the answer before the client reads it. Half-close, then read and drop what
+# still arrives, for at most 2 s and 1 MiB (nginx: lingering_time 30 s, lingering_timeout
+# 5 s; a gateway under attack should not hold sockets that long).
+_LINGER_S = 2.0
+_LINGER_BYTES = 1 << 20
+
+
+async def _lingering_close(t: PlainTransport) -> None:
+    if t.closed:
+        return
+    try:
+        t.sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        return
+    left = _LINGER_BYTES
+    with trio.move_on_after(_LINGER_S):
+        try:
+            while left > 0:
+                data = await t.recv()
+                if not data:
+                    return
+                left -= len(data)
+        except (OSError, ssl.SSLError):
+            return
 
 
 class _Listener:

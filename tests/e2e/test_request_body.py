@@ -258,3 +258,18 @@ async def test_chunked_over_limit_mid_stream_says_body_too_large(nursery: trio.N
     gw, r = await chunked_over_limit_mid_stream(nursery)
     assert r.json()["error"] == "body_too_large"
     assert gw.errors == {"body_too_large": 1}
+
+
+async def test_over_limit_body_sent_whole_still_sees_413(nursery: trio.Nursery) -> None:
+    """A client that writes its whole (too large) body before reading still gets the 413:
+    the gateway half-closes and drains instead of resetting (lingering close)."""
+    up = Upstream()
+    uport = await nursery.start(up.serve)
+    gw = Gateway(make_config([f"http://127.0.0.1:{uport}"], limits=Limits(max_body_bytes=1000)))
+    port = (await nursery.start(gw.serve))[0][1]
+    c = await Client.open(port)
+    body = b"x" * (512 * 1024)
+    await c.send_raw(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    raw = await c.read_raw_until_close()
+    assert raw.startswith(b"HTTP/1.1 413 ")
+    assert up.received == []
