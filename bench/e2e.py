@@ -4,24 +4,30 @@
     python -m bench.e2e --tls                 # TLS to the upstream
     python -m bench.e2e --conns 50 --duration 5 --targets fastgw,haproxy
 
-Layout, so that the proxies compete for the same thing: the proxy under test is pinned to
-CPU 0; the upstream (nginx answering a 2-byte body, or a built-in trio responder when nginx
-is missing) and the load generator (wrk, or a built-in keep-alive generator) share CPU 1.
-Each target runs against the same upstream, one after the other, with the same load.
+    python -m bench.e2e --no-wrk --no-nginx   # force the built-in load generator and upstream
 
-Reported per target and connection count: requests/s, p50/p99 latency (wrk's), CPU
-microseconds per request (the proxy process's utime+stime over the run divided by the
-requests served: robust to a noisy machine, unlike requests/s) and peak RSS (VmHWM).
-Ratios against HAProxy are computed within the run. Results go to stdout and, with
---json, to a file.
+Layout, so that the proxies compete for the same thing: the proxy under test is pinned to
+CPU 0; the upstream (nginx answering a 2-byte body, or bench/upstream.py, a built-in epoll
+responder, when nginx is missing) and the load generator (wrk, or bench/loadgen.py, a
+built-in epoll keep-alive generator, when wrk is missing) share CPU 1. Each target runs
+against the same upstream, one after the other, with the same load.
+
+Reported per target and connection count: requests/s, p50/p99 latency (the load
+generator's), CPU microseconds per request (the proxy process's utime+stime over the run
+divided by the requests served: robust to a noisy machine, unlike requests/s) and peak
+RSS (VmHWM). Ratios against HAProxy are computed within the run; the minimal trio proxy's
+ratio is the ceiling of trio on this machine. Results go to stdout and to a JSON file
+(bench/results/e2e-<plain|tls>-<stamp>.json unless --json names another).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import os
+import platform
 import re
 import resource
 import shutil
@@ -31,13 +37,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+RESULTS_DIR = HERE / "results"
 CPU_PROXY = "0"
 CPU_LOAD = "1"
+# Warm-up: 1 s, plus 1 s per 400 connections (1000 connections: 3.5 s), enough on a
+# busy 2-CPU machine for 1000 TLS handshakes to nginx.
+WARM_S = 1.0
+WARM_CONNS_PER_S = 400
 
 
 @dataclass
@@ -49,7 +61,8 @@ class Result:
     p99_ms: float
     cpu_us_per_req: float
     peak_rss_mib: float
-    errors: int
+    errors: int  # all of them: non-2xx answers, connect/read/write errors, timeouts
+    non_2xx: int
 
 
 def free_port() -> int:
@@ -84,11 +97,30 @@ def taskset(cpu: str) -> list[str]:
     return ["taskset", "-c", cpu] if shutil.which("taskset") else []
 
 
-@contextlib.contextmanager
-def process(argv: list[str], port: int, **kw) -> Iterator[subprocess.Popen]:
-    p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kw)
+def log_tail(path: Path, lines: int = 20) -> str:
     try:
-        wait_port(port)
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def check_alive(p: subprocess.Popen, name: str, log: Path) -> None:
+    if p.poll() is not None:
+        raise RuntimeError(f"{name} exited with status {p.returncode}:\n{log_tail(log)}")
+
+
+@contextlib.contextmanager
+def process(argv: list[str], port: int, log: Path, **kw) -> Iterator[subprocess.Popen]:
+    # stderr goes to a file: a pipe that nobody reads would stall a chatty process once
+    # it fills, in the middle of a measurement.
+    with log.open("ab") as err:
+        p = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, **kw)
+    try:
+        try:
+            wait_port(port)
+        except RuntimeError:
+            check_alive(p, argv[0], log)
+            raise
         yield p
     finally:
         p.send_signal(signal.SIGTERM)
@@ -118,12 +150,16 @@ def write_certs(d: Path) -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
-@contextlib.contextmanager
-def upstream(d: Path, tls: bool, certs: dict[str, str]) -> Iterator[int]:
-    port = free_port()
-    nginx = shutil.which("nginx") or (
+def find_nginx() -> str | None:
+    return shutil.which("nginx") or (
         "/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None
     )
+
+
+@contextlib.contextmanager
+def upstream(d: Path, tls: bool, certs: dict[str, str], nginx: str | None) -> Iterator[int]:
+    """nginx when given its path, else bench/upstream.py."""
+    port = free_port()
     if nginx:
         listen = f"127.0.0.1:{port}" + (" ssl" if tls else "")
         ssl_lines = (
@@ -143,17 +179,25 @@ def upstream(d: Path, tls: bool, certs: dict[str, str]) -> Iterator[int]:
         argv = [*taskset(CPU_LOAD), sys.executable, "-m", "bench.upstream", str(port)]
         if tls:
             argv += ["--cert", certs["cert"], "--key", certs["key"]]
-    with process(argv, port, cwd=HERE.parent):
+    with process(argv, port, d / "upstream.log", cwd=HERE.parent):
         yield port
 
 
 def haproxy_conf(d: Path, port: int, up_port: int, tls: bool, certs: dict[str, str]) -> Path:
+    # tune.pool-*-fd-ratio: by default HAProxy stops keeping idle server connections once
+    # 20% of its descriptors are in use (maxconn 4000 gives about 8000). At 1000 clients it
+    # holds 2000 (25%), so it closed the upstream connection after nearly every response
+    # and opened a new one for the next: with TLS a handshake per request (800 req/s and
+    # 400+ us of CPU per request here, against 8000+ req/s once connections are kept).
+    # The other targets keep their upstream connections, so HAProxy must too.
     server_ssl = f" ssl verify required ca-file {certs['ca']} sni str(localhost)" if tls else ""
     conf = d / "haproxy.cfg"
     conf.write_text(
         f"""global
   nbthread 1
   maxconn 4000
+  tune.pool-low-fd-ratio 90
+  tune.pool-high-fd-ratio 95
 defaults
   mode http
   timeout connect 5s
@@ -231,7 +275,11 @@ def target_argv(
 _LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
 
 
-def run_wrk(port: int, conns: int, duration_s: float) -> tuple[int, float, float, float, int]:
+# requests, requests/s, p50 ms, p99 ms, errors, of which non-2xx answers
+LoadResult = tuple[int, float, float, float, int, int]
+
+
+def run_wrk(port: int, conns: int, duration_s: float) -> LoadResult:
     threads = 1 if conns <= 100 else 2
     out = subprocess.run(
         [
@@ -254,20 +302,19 @@ def run_wrk(port: int, conns: int, duration_s: float) -> tuple[int, float, float
     lat = {}
     for pct, val, unit in _LAT.findall(out):
         lat[pct] = float(val) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-    errors = 0
+    errors = non_2xx = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
-        errors += int(m.group(1))
+        non_2xx = int(m.group(1))
+        errors += non_2xx
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += sum(int(x) for x in m.groups())
-    return reqs, rps, lat.get("50", float("nan")), lat.get("99", float("nan")), errors
+    return reqs, rps, lat.get("50", float("nan")), lat.get("99", float("nan")), errors, non_2xx
 
 
-def run_builtin_load(
-    port: int, conns: int, duration_s: float
-) -> tuple[int, float, float, float, int]:
-    out = subprocess.run(
+def run_builtin_load(port: int, conns: int, duration_s: float) -> LoadResult:
+    proc = subprocess.run(
         [
             *taskset(CPU_LOAD),
             sys.executable,
@@ -279,11 +326,24 @@ def run_builtin_load(
         ],
         capture_output=True,
         text=True,
-        check=True,
         cwd=HERE.parent,
-    ).stdout
-    r = json.loads(out)
-    return r["requests"], r["rps"], r["p50_ms"], r["p99_ms"], r["errors"]
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench.loadgen failed ({proc.returncode}):\n{proc.stderr}")
+    r = json.loads(proc.stdout)
+    nan = float("nan")  # null percentiles: no request completed
+    p50, p99 = r["p50_ms"], r["p99_ms"]
+    return (
+        r["requests"],
+        r["rps"],
+        nan if p50 is None else p50,
+        nan if p99 is None else p99,
+        r["errors"],
+        r["non_2xx"],
+    )
+
+
+LoadFn = Callable[[int, int, float], LoadResult]
 
 
 def measure(
@@ -294,64 +354,189 @@ def measure(
     duration_s: float,
     tls: bool,
     certs: dict[str, str],
+    load: LoadFn,
 ) -> Result:
     port = free_port()
     argv = target_argv(name, d, port, up_port, tls, certs)
-    with process(argv, port, cwd=HERE.parent) as p:
-        load = run_wrk if shutil.which("wrk") else run_builtin_load
-        load(port, min(conns, 50), 1.0)  # warm: pools filled, code paths hot
+    log = d / f"{name}.log"
+    with process(argv, port, log, cwd=HERE.parent) as p:
+        # Warm: pools filled, code paths hot. With the measured connection count, so that
+        # the upstream pools hold as many connections as the run needs (warming with 50
+        # left 950 upstream connects, with TLS handshakes, inside the measured run), and
+        # long enough to get past the burst of connects that a thousand new clients
+        # cause: after 1 s, HAProxy was still opening TLS connections when the run
+        # began (116 us of CPU per request at 1000 connections, 52 us after 3 s). A
+        # pass cut short in the burst also leaves upstream connections mid-exchange,
+        # which HAProxy does not reuse.
+        load(port, conns, WARM_S + conns / WARM_CONNS_PER_S)
         t0 = cpu_ticks(p.pid)
-        reqs, rps, p50, p99, errors = load(port, conns, duration_s)
+        reqs, rps, p50, p99, errors, non_2xx = load(port, conns, duration_s)
         t1 = cpu_ticks(p.pid)
         rss = peak_rss_mib(p.pid)
+        check_alive(p, name, log)
     hz = os.sysconf("SC_CLK_TCK")
     cpu_us = (t1 - t0) / hz * 1e6 / max(reqs, 1)
-    return Result(name, conns, rps, p50, p99, cpu_us, rss, errors)
+    return Result(name, conns, rps, p50, p99, cpu_us, rss, errors, non_2xx)
+
+
+def versions(load: LoadFn, nginx: str | None) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        out = (p.stdout or p.stderr).strip().splitlines()
+        return out[0].split(" Copyright")[0] if out else "?"
+
+    try:
+        fastgw = metadata.version("fastgw")
+    except metadata.PackageNotFoundError:
+        fastgw = "?"
+    v = {
+        "python": platform.python_version(),
+        "fastgw": fastgw,
+        "cpus": str(os.cpu_count()),
+        "load": first_line(["wrk", "--version"]) if load is run_wrk else "bench.loadgen",
+        "upstream": first_line([nginx, "-v"]) if nginx else "bench.upstream",
+    }
+    if shutil.which("haproxy"):
+        v["haproxy"] = first_line(["haproxy", "-v"])
+    return v
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def summarize(results: list[Result]) -> list[dict[str, float | int]]:
+    """Per connection count: fastgw and the minimal proxy against HAProxy, same run."""
+    rows: list[dict[str, float | int]] = []
+    nan = float("nan")
+    for conns in sorted({r.conns for r in results}):
+        by = {r.target: r for r in results if r.conns == conns}
+        h, f, m = by.get("haproxy"), by.get("fastgw"), by.get("minimal")
+        rows.append(
+            {
+                "conns": conns,
+                "fastgw_vs_haproxy_rps": ratio(f.rps, h.rps) if f and h else nan,
+                "fastgw_vs_haproxy_cpu_per_req": (
+                    ratio(f.cpu_us_per_req, h.cpu_us_per_req) if f and h else nan
+                ),
+                "fastgw_p99_ms": f.p99_ms if f else nan,
+                "fastgw_peak_rss_mib": f.peak_rss_mib if f else nan,
+                "minimal_vs_haproxy_rps": ratio(m.rps, h.rps) if m and h else nan,
+                "minimal_vs_haproxy_cpu_per_req": (
+                    ratio(m.cpu_us_per_req, h.cpu_us_per_req) if m and h else nan
+                ),
+            }
+        )
+    return rows
+
+
+def print_summary(rows: list[dict[str, float | int]]) -> None:
+    def x(v: float | int) -> str:
+        return "-" if v != v else f"{v:.2f}x"  # NaN: a target was not run
+
+    def num(v: float | int) -> str:
+        return "-" if v != v else f"{v:.2f}"
+
+    print()
+    print("ratios to HAProxy, same run (req/s: higher is better; CPU/req: lower is better)")
+    print(
+        f"{'conns':>6} | {'fastgw req/s':>12} {'CPU/req':>8} {'p99 ms':>8} {'peak MiB':>9}"
+        f" | {'minimal req/s':>13} {'CPU/req':>8}"
+    )
+    for r in rows:
+        print(
+            f"{r['conns']:>6} | {x(r['fastgw_vs_haproxy_rps']):>12}"
+            f" {x(r['fastgw_vs_haproxy_cpu_per_req']):>8}"
+            f" {num(r['fastgw_p99_ms']):>8} {num(r['fastgw_peak_rss_mib']):>9}"
+            f" | {x(r['minimal_vs_haproxy_rps']):>13}"
+            f" {x(r['minimal_vs_haproxy_cpu_per_req']):>8}"
+        )
+    print("(minimal: a trio proxy that does nothing per request, the ceiling of trio here)")
+
+
+def nan_to_none(v: object) -> object:
+    """NaN (a target not run, a percentile wrk did not print) is not JSON: null."""
+    if isinstance(v, float) and v != v:
+        return None
+    if isinstance(v, dict):
+        return {k: nan_to_none(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [nan_to_none(x) for x in v]
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m bench.e2e",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--conns", default="50,1000")
-    ap.add_argument("--duration", type=float, default=10.0)
+    ap.add_argument("--conns", default="50,1000", help="comma-separated (default: %(default)s)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--targets", default="fastgw,haproxy,minimal")
     ap.add_argument("--tls", action="store_true", help="TLS between proxy and upstream")
-    ap.add_argument("--json", help="write results here")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="results file (default: bench/results/e2e-<plain|tls>-<stamp>.json)",
+    )
+    ap.add_argument(
+        "--no-wrk", action="store_true", help="use bench.loadgen even if wrk is installed"
+    )
+    ap.add_argument(
+        "--no-nginx", action="store_true", help="use bench.upstream even if nginx is installed"
+    )
     args = ap.parse_args(argv)
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
     targets = [t for t in args.targets.split(",") if t]
     if "haproxy" in targets and not shutil.which("haproxy"):
         print("haproxy not installed: skipping it (apt-get install haproxy)", file=sys.stderr)
         targets.remove("haproxy")
+    load: LoadFn = run_wrk if shutil.which("wrk") and not args.no_wrk else run_builtin_load
+    nginx = None if args.no_nginx else find_nginx()
+    info = versions(load, nginx)
+    print(
+        f"fastgw e2e bench ({'TLS' if args.tls else 'plain'} upstream, {args.duration:g} s"
+        f" per run): load {info['load']}, upstream {info['upstream']}, {info['cpus']} CPUs",
+        flush=True,
+    )
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="fastgw-bench-") as tmp:
         d = Path(tmp)
         certs = write_certs(d) if args.tls else {}
-        with upstream(d, args.tls, certs) as up_port:
+        with upstream(d, args.tls, certs, nginx) as up_port:
             for conns in (int(c) for c in args.conns.split(",")):
                 for name in targets:
-                    r = measure(name, d, up_port, conns, args.duration, args.tls, certs)
+                    r = measure(name, d, up_port, conns, args.duration, args.tls, certs, load)
                     results.append(r)
                     print(
                         f"{r.target:>8} c={r.conns:<5} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms"
                         f"  p99 {r.p99_ms:6.2f} ms  {r.cpu_us_per_req:6.1f} us CPU/req"
-                        f"  peak RSS {r.peak_rss_mib:6.1f} MiB  errors {r.errors}",
+                        f"  peak RSS {r.peak_rss_mib:6.1f} MiB  errors {r.errors}"
+                        + (f" ({r.non_2xx} non-2xx)" if r.non_2xx else ""),
                         flush=True,
                     )
-    print()
-    for conns in sorted({r.conns for r in results}):
-        by = {r.target: r for r in results if r.conns == conns}
-        h = by.get("haproxy")
-        f = by.get("fastgw")
-        if h and f:
-            print(
-                f"c={conns}: fastgw/haproxy requests/s {f.rps / h.rps:.2f}x, "
-                f"CPU per request {f.cpu_us_per_req / h.cpu_us_per_req:.2f}x"
-            )
-    if args.json:
-        Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2))
+    rows = summarize(results)
+    print_summary(rows)
+    json_path = args.json
+    if json_path is None:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        json_path = RESULTS_DIR / f"e2e-{'tls' if args.tls else 'plain'}-{stamp}.json"
+    doc = {
+        "tls": args.tls,
+        "duration_s": args.duration,
+        "versions": info,
+        "results": [asdict(r) for r in results],
+        "summary": rows,
+    }
+    json_path.write_text(json.dumps(nan_to_none(doc), indent=2, allow_nan=False) + "\n")
+    print(f"results: {json_path}")
     return 0
 
 
