@@ -42,6 +42,8 @@ log = logging.getLogger("fastgw")
 # 0.1 s: timeouts here are seconds long; a tenth of a second is well inside their
 # tolerance and costs one pass over the connections ten times a second.
 WATCHDOG_TICK_S = 0.1
+# Connections accepted per listener wake-up before yielding (HAProxy's tune.maxaccept).
+ACCEPT_BURST = 64
 
 # Fields a client may never set towards a function: Expect is answered by the gateway
 # itself (it sends 100 Continue when it is ready for the body).
@@ -295,32 +297,39 @@ class Gateway:
                     b.expire_idle(now)
 
     async def _accept_loop(self, lst: _Listener) -> None:
+        """Accept in bursts: up to ACCEPT_BURST connections per wake-up without yielding
+        (a yield per accept lets a thousand busy connections starve the listener; HAProxy
+        accepts up to tune.maxaccept = 64 per wake-up for the same reason)."""
         lsock = lst.sock
         limiter = self._limiter
         nursery = self._nursery
         assert lst.scope is not None
         with lst.scope:
             while not self.draining and not lst.closed:
-                token = object()
-                await limiter.acquire_on_behalf_of(token)
-                while True:
+                try:
+                    await trio.lowlevel.wait_readable(lsock)
+                except (trio.ClosedResourceError, OSError):
+                    return
+                for _ in range(ACCEPT_BURST):
+                    token = object()
+                    try:
+                        limiter.acquire_on_behalf_of_nowait(token)
+                    except trio.WouldBlock:
+                        await limiter.acquire_on_behalf_of(token)  # at max_connections
                     try:
                         sock, addr = lsock.accept()
-                        break
                     except BlockingIOError:
-                        try:
-                            await trio.lowlevel.wait_readable(lsock)
-                        except (trio.ClosedResourceError, OSError):
-                            limiter.release_on_behalf_of(token)
-                            return
+                        limiter.release_on_behalf_of(token)
+                        break
                     except OSError as e:
+                        limiter.release_on_behalf_of(token)
                         if self.draining or lst.closed:
-                            limiter.release_on_behalf_of(token)
                             return
                         # EMFILE and friends: back off briefly rather than spin.
                         log.warning("accept failed on %s: %s", lst.config.name, e)
                         await trio.sleep(0.05)
-                nursery.start_soon(self._connection, sock, addr, lst.proto, lst.ctx, token)
+                        break
+                    nursery.start_soon(self._connection, sock, addr, lst.proto, lst.ctx, token)
 
     async def _connection(
         self,
