@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -63,6 +64,9 @@ class Result:
     peak_rss_mib: float
     errors: int  # all of them: non-2xx answers, connect/read/write errors, timeouts
     non_2xx: int
+    # fastgw-ops only: /metrics scrapes taken during the measured run (ms).
+    scrape_ms_p50: float | None = None
+    scrape_ms_max: float | None = None
 
 
 def free_port() -> int:
@@ -220,12 +224,22 @@ backend b
     return conf
 
 
-def fastgw_conf(d: Path, port: int, up_port: int, tls: bool, certs: dict[str, str]) -> Path:
+def fastgw_conf(
+    d: Path, port: int, up_port: int, tls: bool, certs: dict[str, str], ops: bool = False
+) -> Path:
     scheme = "https" if tls else "http"
     ca = f'ca_file = "{certs["ca"]}"\nserver_name = "localhost"\n' if tls else ""
-    conf = d / "gateway.toml"
+    conf = d / ("gateway-ops.toml" if ops else "gateway.toml")
+    # fastgw-ops: the admin listener (metrics) and the audit log of every request, the
+    # operations issue's "within 5% of the same run with both disabled".
+    ops_toml = (
+        f'[admin]\naddress = "127.0.0.1:{ADMIN_PORTS[port]}"\n[audit]\npath = "{d}/audit.log"\n'
+        if ops
+        else ""
+    )
     conf.write_text(
-        f"""[limits]
+        ops_toml
+        + f"""[limits]
 max_connections = 20000
 
 [[listeners]]
@@ -256,8 +270,10 @@ def target_argv(
             "-f",
             str(haproxy_conf(d, port, up_port, tls, certs)),
         ]
-    if name == "fastgw":
-        conf = fastgw_conf(d, port, up_port, tls, certs)
+    if name in ("fastgw", "fastgw-ops"):
+        if name == "fastgw-ops":
+            ADMIN_PORTS[port] = free_port()
+        conf = fastgw_conf(d, port, up_port, tls, certs, ops=name == "fastgw-ops")
         return [*taskset(CPU_PROXY), sys.executable, "-m", "fastgw", "serve", "-c", str(conf)]
     if name == "minimal":
         argv = [
@@ -270,6 +286,29 @@ def target_argv(
         ]
         return argv + (["--tls", certs["ca"]] if tls else [])
     raise ValueError(name)
+
+
+# fastgw-ops: the admin port chosen for each listening port.
+ADMIN_PORTS: dict[int, int] = {}
+
+
+def scrape_during(port: int, duration_s: float, out: list[float]) -> threading.Thread:
+    """Scrape /metrics every 0.25 s while the load runs, recording each scrape's time."""
+
+    def loop() -> None:
+        end = time.monotonic() + duration_s
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+                while s.recv(65536):
+                    pass
+            out.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.25)
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    return th
 
 
 _LAT = re.compile(r"^\s+(50|99)(?:\.000)?%\s+([\d.]+)(us|ms|s)\s*$", re.M)
@@ -369,14 +408,33 @@ def measure(
         # pass cut short in the burst also leaves upstream connections mid-exchange,
         # which HAProxy does not reuse.
         load(port, conns, WARM_S + conns / WARM_CONNS_PER_S)
+        scrapes: list[float] = []
+        scraper = None
+        if name == "fastgw-ops":
+            scraper = scrape_during(ADMIN_PORTS[port], duration_s - 0.5, scrapes)
         t0 = cpu_ticks(p.pid)
         reqs, rps, p50, p99, errors, non_2xx = load(port, conns, duration_s)
         t1 = cpu_ticks(p.pid)
+        if scraper is not None:
+            scraper.join()
         rss = peak_rss_mib(p.pid)
         check_alive(p, name, log)
     hz = os.sysconf("SC_CLK_TCK")
     cpu_us = (t1 - t0) / hz * 1e6 / max(reqs, 1)
-    return Result(name, conns, rps, p50, p99, cpu_us, rss, errors, non_2xx)
+    scrape_p50 = sorted(scrapes)[len(scrapes) // 2] if scrapes else None
+    return Result(
+        name,
+        conns,
+        rps,
+        p50,
+        p99,
+        cpu_us,
+        rss,
+        errors,
+        non_2xx,
+        scrape_p50,
+        max(scrapes) if scrapes else None,
+    )
 
 
 def versions(load: LoadFn, nginx: str | None) -> dict[str, str]:
@@ -515,14 +573,28 @@ def main(argv: list[str] | None = None) -> int:
                     r = measure(name, d, up_port, conns, args.duration, args.tls, certs, load)
                     results.append(r)
                     print(
-                        f"{r.target:>8} c={r.conns:<5} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms"
+                        f"{r.target:>10} c={r.conns:<5} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms"
                         f"  p99 {r.p99_ms:6.2f} ms  {r.cpu_us_per_req:6.1f} us CPU/req"
                         f"  peak RSS {r.peak_rss_mib:6.1f} MiB  errors {r.errors}"
-                        + (f" ({r.non_2xx} non-2xx)" if r.non_2xx else ""),
+                        + (f" ({r.non_2xx} non-2xx)" if r.non_2xx else "")
+                        + (
+                            f"  scrape p50 {r.scrape_ms_p50:.1f} ms max {r.scrape_ms_max:.1f} ms"
+                            if r.scrape_ms_p50 is not None and r.scrape_ms_max is not None
+                            else ""
+                        ),
                         flush=True,
                     )
     rows = summarize(results)
     print_summary(rows)
+    for conns in sorted({r.conns for r in results}):
+        by = {r.target: r for r in results if r.conns == conns}
+        if "fastgw" in by and "fastgw-ops" in by:
+            f, o = by["fastgw"], by["fastgw-ops"]
+            print(
+                f"c={conns}: with metrics and the audit log, fastgw serves "
+                f"{o.rps / f.rps:.2f}x the requests/s at {o.cpu_us_per_req / f.cpu_us_per_req:.2f}x"
+                " the CPU per request of the same run without them"
+            )
     json_path = args.json
     if json_path is None:
         RESULTS_DIR.mkdir(exist_ok=True)

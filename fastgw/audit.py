@@ -1,7 +1,8 @@
 """The audit log: one JSON line per exchange, written off the request path.
 
 Strategy: a request appends one tuple to a list (no formatting, no I/O); a background
-task turns the list into JSON lines and writes them every ``FLUSH_INTERVAL_S`` (or
+task turns the list into JSON lines (in the core, about a microsecond a line: this runs
+for every request, on the same CPU) and writes them every ``FLUSH_INTERVAL_S`` (or
 sooner when ``MAX_PENDING`` lines wait). Successful exchanges may be sampled
 (``sample_success``); denials and errors never are. SIGUSR1 (``reopen``) reopens the file
 so log rotation can move it away. If writing fails the lines are counted as dropped and
@@ -10,7 +11,6 @@ the gateway keeps serving: an audit sink must not take the data path down with i
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import sys
@@ -18,6 +18,7 @@ from typing import IO
 
 import trio
 
+from fastgw._core.metrics import format_audit_lines
 from fastgw.config.model import AuditConfig
 
 log = logging.getLogger("fastgw.audit")
@@ -57,9 +58,11 @@ class AuditLog:
         self.pending: list[tuple] = []
         self.written = 0
         self.dropped = 0
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
         self._reopen = True
         self._wake = trio.Event()
+        # JSON fragments of the names and codes that recur in every line.
+        self._js_cache: dict[object, bytes] = {}
 
     def wants_success(self) -> bool:
         """Whether this successful exchange is sampled in."""
@@ -77,10 +80,10 @@ class AuditLog:
         self._reopen = True
 
     def _open(self) -> None:
-        if self._file is not None and self._file is not sys.stdout:
+        if self._file is not None and self._file is not sys.stdout.buffer:
             self._file.close()
         path = self.config.path
-        self._file = sys.stdout if path is None else open(path, "a", encoding="utf-8")
+        self._file = sys.stdout.buffer if path is None else open(path, "ab")
         self._reopen = False
 
     def flush(self) -> int:
@@ -96,19 +99,7 @@ class AuditLog:
             if self._reopen or self._file is None:
                 self._open()
             assert self._file is not None
-            dumps = json.dumps
-            out = "".join(
-                dumps(
-                    {
-                        k: (v.decode("latin-1") if type(v) is bytes else v)
-                        for k, v in zip(FIELDS, rec, strict=True)
-                    },
-                    separators=(",", ":"),
-                )
-                + "\n"
-                for rec in lines
-            )
-            self._file.write(out)
+            self._file.write(format_audit_lines(lines, self._js_cache))
             self._file.flush()
         except (OSError, ValueError) as e:
             self.dropped += len(lines)
@@ -128,5 +119,5 @@ class AuditLog:
                 self.flush()
         finally:
             self.flush()
-            if self._file is not None and self._file is not sys.stdout:
+            if self._file is not None and self._file is not sys.stdout.buffer:
                 self._file.close()
