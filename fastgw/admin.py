@@ -1,11 +1,12 @@
 """The admin listener: /metrics, /healthz, /readyz, /config.
 
-A cold path on its own address (loopback by default): one small request per
-connection, parsed by the core's strict parser, answered and closed (see _Answerer for
-why it answers inline).
+A cold path on its own address (loopback by default) and its own thread (see
+AdminServer for why): one small request per connection, parsed by the core's strict
+parser, answered and closed.
 
 - ``/metrics``: Prometheus text format from ``fastgw.metrics`` (counters read at scrape).
-- ``/healthz``: 200 while the process serves its event loop.
+- ``/healthz``: 200 while the event loop turns (its watchdog ticked within the last
+  ``LOOP_STALL_S``), 503 when it is stuck.
 - ``/readyz``: 200 when the config is loaded and every listener is bound and accepting;
   503 while draining.
 - ``/config``: the effective configuration as JSON, secrets redacted.
@@ -15,10 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import socket
+import sys
+import threading
+import time
 from typing import TYPE_CHECKING, Any
 
-import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fastgw._core.http import parse_request_head
@@ -28,9 +32,15 @@ from fastgw.metrics import make_registry
 if TYPE_CHECKING:
     from fastgw.gateway import Gateway
 
+log = logging.getLogger("fastgw.admin")
+
 # Admin requests are small GETs; 16 KiB of head and 10 s are plenty and bound a bad client.
 _MAX_HEAD = 16384
 _TIMEOUT_S = 10.0
+# The watchdog ticks every 0.1 s; 2 s without a tick means the loop is stuck (a blocking
+# call, a runaway task), which is what a liveness probe should catch.
+LOOP_STALL_S = 2.0
+_SWITCH_INTERVAL_S = 0.0005
 _SECRET_WORDS = ("secret", "password", "token", "hash", "private")
 
 
@@ -55,6 +65,9 @@ def _answer(gw: Gateway, registry: Any, target: bytes) -> tuple[int, bytes, byte
     if path == b"/metrics":
         return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(registry)
     if path == b"/healthz":
+        stalled = time.monotonic() - gw.last_tick_monotonic
+        if stalled > LOOP_STALL_S:
+            return 503, b"text/plain", b"event loop stalled for %.1f s\n" % stalled
         return 200, b"text/plain", b"ok\n"
     if path == b"/readyz":
         ready, why = gw.readiness()
@@ -66,63 +79,95 @@ def _answer(gw: Gateway, registry: Any, target: bytes) -> tuple[int, bytes, byte
     return 404, b"application/json", b'{"error":"not_found"}\n'
 
 
-class _Answerer:
-    """Answers one admin request on a raw non-blocking socket.
+class AdminServer:
+    """The admin listener on its own thread, with blocking sockets.
 
-    Scrapes must stay fast while the loop is saturated with traffic, and every trip
-    through trio's scheduler then costs a whole round of busy connections. So the
-    accepting task answers inline when the request is already there (it nearly always
-    is: a client sends it right after connecting), without spawning a task or waiting;
-    only a slow client gets a task of its own, bounded by a timeout."""
+    Scrapes must stay fast while the event loop is saturated with traffic: served from
+    the loop, a scrape waits its turn behind every busy connection (several milliseconds
+    at full load). This thread only needs the GIL, which the loop releases at every
+    system call. It reads the gateway's counters without locks: each read is of a plain
+    int, a list slot, or a core histogram snapshot taken under the GIL, and dictionaries
+    are copied in one C call before use. One request per connection, one connection at
+    a time, each bounded by a timeout: a slow client delays other scrapes, never traffic.
+    """
 
-    def __init__(self, gw: Gateway) -> None:
+    def __init__(self, gw: Gateway, host: str, port: int) -> None:
         self.gw = gw
         self.registry = make_registry(gw)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, type_, proto, _, addr = infos[0]
+        self.sock = socket.socket(family, type_, proto)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(addr)
+        self.sock.listen(128)
+        self.address: tuple[str, int] = self.sock.getsockname()[:2]
+        self._thread = threading.Thread(target=self._run, name="fastgw-admin", daemon=True)
+        self._closed = False
 
-    def try_answer(self, sock: socket.socket, buf: bytes) -> bool | None:
-        """True when answered, None when the head is still incomplete."""
+    def start(self) -> None:
+        # The GIL's switch interval (5 ms by default) bounds how long this thread waits
+        # for the GIL each time it needs it while the loop runs Python code; a scrape
+        # takes it several times. 0.5 ms keeps a scrape within a few milliseconds under
+        # full load, and costs nothing when this thread sleeps in accept() (the switch
+        # interval only matters while a second thread waits for the GIL).
+        if sys.getswitchinterval() > _SWITCH_INTERVAL_S:
+            sys.setswitchinterval(_SWITCH_INTERVAL_S)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed = True
         try:
-            head = parse_request_head(buf, 0, max_head_bytes=_MAX_HEAD)
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        self._thread.join(timeout=_TIMEOUT_S + 1)
+
+    def _run(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                if self._closed:
+                    return
+                time.sleep(0.05)  # EMFILE and friends: back off rather than spin
+                continue
+            with conn:
+                try:
+                    self._serve_one(conn)
+                except Exception:  # an admin request must never take the thread down
+                    log.exception("admin request failed")
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        conn.settimeout(_TIMEOUT_S)
+        buf = b""
+        head = None
+        try:
+            while head is None:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+                head = parse_request_head(buf, 0, max_head_bytes=_MAX_HEAD)
         except ProtocolError as e:
-            _send_now(sock, e.status, b"application/json", b'{"error":"bad_request"}\n', False)
-            return True
-        if head is None:
-            return None
+            _send(conn, e.status, b"application/json", b'{"error":"bad_request"}\n', False)
+            return
+        except OSError:
+            return
         if head.method not in (b"GET", b"HEAD"):
             status, ctype, body = 405, b"application/json", b'{"error":"method"}\n'
         else:
             status, ctype, body = _answer(self.gw, self.registry, head.target)
-        _send_now(sock, status, ctype, body, head.method == b"HEAD")
-        return True
-
-    async def slow(self, sock: socket.socket, buf: bytes) -> None:
-        with sock, trio.move_on_after(_TIMEOUT_S):
-            while True:
-                await trio.lowlevel.wait_readable(sock)
-                try:
-                    data = sock.recv(65536)
-                except BlockingIOError:
-                    continue
-                except OSError:
-                    return
-                if not data:
-                    return
-                buf += data
-                if self.try_answer(sock, buf) is not None:
-                    return
+        _send(conn, status, ctype, body, head.method == b"HEAD")
 
 
-def _send_now(sock: socket.socket, status: int, ctype: bytes, body: bytes, head_only: bool) -> None:
+def _send(sock: socket.socket, status: int, ctype: bytes, body: bytes, head_only: bool) -> None:
     head = (
-        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
-        % (status, _REASONS.get(status, b"Error"), ctype, len(body))
+        b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %d\r\n"
+        b"Connection: close\r\n\r\n" % (status, _REASONS.get(status, b"Error"), ctype, len(body))
     )
-    data = head if head_only else head + body
-    # A scrape is tens of KiB: it fits the socket buffer. Switch to blocking with a
-    # short timeout for the rare case it does not, rather than keep state.
-    sock.settimeout(2.0)
     try:
-        sock.sendall(data)
+        sock.sendall(head if head_only else head + body)
     except OSError:
         pass
 
@@ -132,50 +177,7 @@ _REASONS = {
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",
+    414: b"URI Too Long",
     431: b"Request Header Fields Too Large",
     503: b"Service Unavailable",
 }
-
-
-async def serve_admin(
-    gw: Gateway, *, task_status: trio.TaskStatus[tuple[str, int]] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve the admin endpoints on ``gw.config.admin`` until cancelled."""
-    admin = gw.config.admin
-    assert admin is not None
-    infos = socket.getaddrinfo(admin.host, admin.port, type=socket.SOCK_STREAM)
-    family, type_, proto, _, addr = infos[0]
-    lsock = socket.socket(family, type_, proto)
-    lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    lsock.bind(addr)
-    lsock.listen(128)
-    lsock.setblocking(False)
-    answerer = _Answerer(gw)
-    try:
-        async with trio.open_nursery() as nursery:
-            task_status.started(lsock.getsockname()[:2])
-            while True:
-                await trio.lowlevel.wait_readable(lsock)
-                while True:
-                    try:
-                        sock, _ = lsock.accept()
-                    except BlockingIOError:
-                        break
-                    except OSError:
-                        await trio.sleep(0.05)
-                        break
-                    sock.setblocking(False)
-                    try:
-                        buf = sock.recv(65536)
-                    except BlockingIOError:
-                        buf = b""
-                    except OSError:
-                        sock.close()
-                        continue
-                    if buf and answerer.try_answer(sock, buf):
-                        sock.close()
-                    else:
-                        nursery.start_soon(answerer.slow, sock, buf)
-    finally:
-        trio.lowlevel.notify_closing(lsock)
-        lsock.close()

@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import trio
 
 from fastgw._core.http import StripSet
+from fastgw.admin import AdminServer
 from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
 from fastgw.downstream import Downstream
@@ -116,9 +117,11 @@ class Gateway:
         self.reloads_failed = 0
         self.last_reload_ok_unix = time.time()
         self.admin_address: tuple[str, int] | None = None
+        self._admin: AdminServer | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
         self.now = 0.0
+        self.last_tick_monotonic = time.monotonic()  # read by the admin thread (/healthz)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Gateway:
@@ -185,12 +188,18 @@ class Gateway:
                 nursery.start_soon(self._watchdog)
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)
-                if self.state.config.admin is not None:
-                    from fastgw.admin import serve_admin
+                admin_cfg = self.state.config.admin
+                if admin_cfg is not None:
+                    from fastgw.admin import AdminServer
 
-                    self.admin_address = await nursery.start(serve_admin, self)
+                    self._admin = AdminServer(self, admin_cfg.host, admin_cfg.port)
+                    self._admin.start()
+                    self.admin_address = self._admin.address
                 task_status.started(self.addresses)
         finally:
+            if self._admin is not None:
+                self._admin.close()
+                self._admin = None
             for lst in self._listeners.values():
                 lst.close()
             for b in self.state.backends.values():
@@ -285,6 +294,7 @@ class Gateway:
         while True:
             await trio.sleep(WATCHDOG_TICK_S)
             now = self.now = trio.current_time()
+            self.last_tick_monotonic = time.monotonic()
             # A deadline computed from the coarse clock may be up to one tick early:
             # give it one more tick, so a timeout is never shorter than configured.
             late = now - WATCHDOG_TICK_S

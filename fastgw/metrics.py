@@ -99,7 +99,7 @@ class GatewayCollector(Collector):
             "Pooled connections found closed by the upstream when reused",
             labels=["backend", "endpoint"],
         )
-        for b in state.backends.values():
+        for b in list(state.backends.values()):
             _histogram(fb, [b.name], b.first_byte)
             for p in b.pools:
                 st = p.statistics()
@@ -122,7 +122,7 @@ class GatewayCollector(Collector):
         errs = CounterMetricFamily(
             "fastgw_errors", "Errors by code (a fixed vocabulary)", labels=["code"]
         )
-        for code, n in sorted(gw.errors.items()):
+        for code, n in sorted(list(gw.errors.items())):  # one C-level copy: see fastgw.admin
             errs.add_metric([code], n)
         yield errs
         reloads = CounterMetricFamily(
