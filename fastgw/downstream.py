@@ -243,29 +243,22 @@ class Downstream:
         t = self.t
         lim = state.limits
         kind = head.body_kind
-        matched = state.router.match(head.path)
+        matched = state.router.match(head)
         if matched is None:
             gw.count_error("no_route")
             await self.send_error(
                 404, "no_route", "no route matches this request", rid, close=kind != BODY_NONE
             )
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
-        route, path = matched
+        route, backend, path = matched
         self.route = route
         method = head.method
+        max_body = route.max_body_bytes
         if kind:
-            if (
-                kind == BODY_LENGTH
-                and lim.max_body_bytes
-                and head.content_length > lim.max_body_bytes
-            ):
+            if kind == BODY_LENGTH and max_body and head.content_length > max_body:
                 gw.count_error("body_too_large")
                 await self.send_error(
-                    413,
-                    "body_too_large",
-                    f"request body over {lim.max_body_bytes} bytes",
-                    rid,
-                    close=True,
+                    413, "body_too_large", f"request body over {max_body} bytes", rid, close=True
                 )
                 return buf, pos, False
         if head.upgrade or method == b"CONNECT":
@@ -279,7 +272,6 @@ class Downstream:
             )
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
 
-        backend = route.backend
         pool = backend.pick()
         prefix = pool.path_prefix
         if prefix:
@@ -293,10 +285,11 @@ class Downstream:
             request_id=rid,
             xff_append=state.xff_append,
             via=state.via,
-            strip=state.strip,
+            strip=route.req_strip,
+            extra=route.req_extra,
         )
         bcfg = backend.config
-        deadline_total = gw.now + bcfg.total_timeout_s
+        deadline_total = gw.now + (route.total_timeout_s or bcfg.total_timeout_s)
 
         # Body bytes already buffered go out with the head.
         reader = None
@@ -316,12 +309,12 @@ class Downstream:
         else:
             reader = ChunkedReader(max_trailer_bytes=lim.max_head_bytes)
             end = reader.scan(buf, pos)
-            if lim.max_body_bytes and reader.body_bytes > lim.max_body_bytes:
+            if max_body and reader.body_bytes > max_body:
                 gw.count_error("body_too_large")
                 await self.send_error(
                     413,
                     "body_too_large",
-                    f"request body over {lim.max_body_bytes} bytes",
+                    f"request body over {max_body} bytes",
                     rid,
                     close=True,
                 )
@@ -366,7 +359,7 @@ class Downstream:
         if not replayable:
             self.phase = BODY
             try:
-                buf, pos = await self._stream_request_body(ut, reader, remaining, lim)
+                buf, pos = await self._stream_request_body(ut, reader, remaining, lim, max_body)
             except ClientGone:
                 pool.release(conn, False)
                 self.upconn = None
@@ -388,7 +381,7 @@ class Downstream:
 
         # Response head.
         self.phase = UPSTREAM
-        fb = gw.now + bcfg.first_byte_timeout_s
+        fb = gw.now + (route.first_byte_timeout_s or bcfg.first_byte_timeout_s)
         self.deadline = fb if fb < deadline_total else deadline_total
         is_head = method == b"HEAD"
         retries = 0
@@ -447,8 +440,11 @@ class Downstream:
             rh,
             close=not keep,
             keep_alive_10=keep and head.version == 10,
-            extra=b"X-Request-Id: " + rid + b"\r\n",
+            extra=b"X-Request-Id: " + rid + b"\r\n" + route.resp_extra
+            if route.resp_extra
+            else b"X-Request-Id: " + rid + b"\r\n",
             via=state.via,
+            strip=route.resp_strip,
         )
         self.phase = RESPONSE
         bt = gw.now + lim.body_timeout_s
@@ -618,13 +614,12 @@ class Downstream:
             return None
         return conn
 
-    async def _stream_request_body(self, ut, reader, remaining: int, lim):  # type: ignore[no-untyped-def]
+    async def _stream_request_body(self, ut, reader, remaining: int, lim, max_body: int):  # type: ignore[no-untyped-def]
         """Client -> upstream until the body ends; returns (buf, pos) with what the client
         sent after the body (the next pipelined request)."""
         t = self.t
         gw = self.gw
         total = 0
-        max_body = lim.max_body_bytes
         while True:
             self.deadline = gw.now + lim.body_timeout_s
             data = await t.recv()
@@ -677,7 +672,7 @@ class Downstream:
             audit.record(
                 (
                     _wall(), rid, self.peer_ip, route.name if route else None,
-                    route.backend.name if route else None, None, status,
+                    route.backend.name if route and route.backend else None, None, status,
                     "error", code, None, None, None, dur, None, None, None, 0, None,
                 )
             )  # fmt: skip

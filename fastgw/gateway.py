@@ -28,7 +28,6 @@ from collections.abc import Sequence
 
 import trio
 
-from fastgw._core.http import StripSet
 from fastgw.admin import AdminServer
 from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
@@ -46,15 +45,11 @@ WATCHDOG_TICK_S = 0.1
 # Connections accepted per listener wake-up before yielding (HAProxy's tune.maxaccept).
 ACCEPT_BURST = 64
 
-# Fields a client may never set towards a function: Expect is answered by the gateway
-# itself (it sends 100 Continue when it is ready for the body).
-_ALWAYS_STRIP = (b"expect",)
-
 
 class GatewayState:
     """Everything compiled from one config; immutable once built."""
 
-    __slots__ = ("backends", "config", "limits", "router", "strip", "via", "xff_append")
+    __slots__ = ("backends", "config", "limits", "router", "via", "xff_append")
 
     router: Router
 
@@ -63,7 +58,6 @@ class GatewayState:
         self.limits = config.limits
         self.via = config.via.encode() if config.via else None
         self.xff_append = config.xff_append
-        self.strip = StripSet(names=_ALWAYS_STRIP)
         old: dict[str, Backend] = previous.backends if previous else {}
         self.backends: dict[str, Backend] = {}
         for name, bcfg in config.backends.items():
@@ -75,9 +69,15 @@ class GatewayState:
         old_routes = {r.name: r for r in previous.router.routes} if previous else {}
         self.router = Router(
             [
-                Route(r, self.backends[r.backend], previous=old_routes.get(r.name))
+                Route(
+                    r,
+                    self.backends[r.backend] if r.backend is not None else None,
+                    config,
+                    previous=old_routes.get(r.name),
+                )
                 for r in config.routes
-            ]
+            ],
+            self.backends,
         )
 
 

@@ -65,7 +65,7 @@ class GatewayCollector(Collector):
             for i, cls in enumerate(_CLASSES, start=1):
                 n = r.status_counts[i]
                 if n:
-                    req.add_metric([r.name, r.backend.name, cls], n)
+                    req.add_metric([r.name, r.backend.name if r.backend else "", cls], n)
             _histogram(dur, [r.name], r.duration)
         for i, cls in enumerate(_CLASSES, start=1):
             n = gw.unrouted_counts[i]

@@ -97,7 +97,7 @@ def test_check_names_the_included_file(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.splitlines() == [
         "conf/routes.toml: routes[0].name: expected string, got integer 2",
-        "conf/routes.toml: routes[0].backend: missing (required)",
+        "conf/routes.toml: routes[0].backend: missing (required unless path_map names the backend)",
     ]
 
 

@@ -48,6 +48,7 @@ from fastgw.config.model import (
     BackendConfig,
     Endpoint,
     GatewayConfig,
+    HeaderActions,
     Limits,
     ListenerConfig,
     RouteConfig,
@@ -85,7 +86,37 @@ _BACKEND_KEYS = (
     "pool_max_size",
     "pool_idle_timeout_s",
 )
-_ROUTE_KEYS = ("name", "path_prefix", "backend", "strip_prefix")
+_ROUTE_KEYS = (
+    "name",
+    "backend",
+    "hosts",
+    "path_prefix",
+    "path",
+    "path_regex",
+    "path_map",
+    "path_map_type",
+    "methods",
+    "headers",
+    "strip_prefix",
+    "replace_prefix",
+    "rewrite_regex",
+    "request_headers",
+    "response_headers",
+    "first_byte_timeout_s",
+    "total_timeout_s",
+    "max_body_bytes",
+)
+_MAP_TYPES = ("str", "beg", "end", "dir", "dom", "sub", "reg")
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+_METHOD_RE = re.compile(r"[A-Z][A-Z-]*\Z")
+_HOST_PATTERN_RE = re.compile(
+    r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*\.?\Z"
+)
+# Framing and hop-by-hop fields: fastgw writes or drops them itself.
+_FRAMING_FIELDS = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "te", "trailer",
+     "upgrade", "host"}
+)  # fmt: skip
 _CLIENT_CERT_MODES = ("none", "optional", "required")
 
 # Numeric fields: (kind, lowest allowed value, whether that value itself is allowed).
@@ -268,6 +299,8 @@ class _Builder:
         self.listeners: list[_Named] = []
         self.backends: list[_Named] = []
         self.routes: list[_Named] = []
+        # (file, key path, map) of path_map routes: the backends they name must exist.
+        self.map_backends: list[tuple[str, str, Any]] = []
         self._seen_files: set[str] = set()  # realpaths of files read
         self._stack: list[tuple[str, str]] = []  # (realpath, display) of files being read
         self.root: str | None = None  # the root file's name, once it was read
@@ -373,7 +406,7 @@ class _Builder:
         routes = _array_of_tables(self, file, "routes", data.get("routes", []))
         for i, item in enumerate(routes):
             if item is not None:
-                self._route(file, f"routes[{i}]", item)
+                self._route(file, base_dir, f"routes[{i}]", item)
 
     def _includes(self, file: str, base_dir: str, value: Any) -> None:
         if not isinstance(value, list):
@@ -595,26 +628,165 @@ class _Builder:
             )
         self.backends.append(_Named(name, file, path, obj))
 
-    def _route(self, file: str, path: str, t: dict[str, Any]) -> None:
-        r = _Reader(self, file, path, t, _ROUTE_KEYS, "")
+    def _route(self, file: str, base_dir: str, path: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _ROUTE_KEYS, base_dir)
         name = r.get_name()
-        backend = r.get_str("backend", required=True)
+        backend = r.get_str("backend")
         prefix = r.get_str("path_prefix")
         if prefix is not None:
             if not prefix.startswith("/"):
                 r.bad("path_prefix", f"must start with /, got {_q(prefix)}")
             elif _PATH_PREFIX_BAD_RE.search(prefix):
                 r.bad("path_prefix", "must not contain spaces, control characters, '?' or '#'")
+        exact = r.get_str("path")
+        if exact is not None and (not exact.startswith("/") or _PATH_PREFIX_BAD_RE.search(exact)):
+            r.bad("path", f"must be a path starting with / (no query), got {_q(exact)}")
+        path_re = r.get_str("path_regex")
+        if path_re is not None:
+            _check_regex(r, "path_regex", path_re)
+        map_file = r.get_file("path_map")
+        map_type = r.get_choice("path_map_type", _MAP_TYPES)
+        given = [k for k in ("path_prefix", "path", "path_regex", "path_map") if k in t]
+        if len(given) > 1:
+            r.bad(given[1], f"a route has one path condition; {given[0]} is set already")
+        if map_type is not None and "path_map" not in t:
+            r.bad("path_map_type", "only with path_map")
+        map_obj = None
+        if map_file is not None:
+            map_obj = self._load_map(r, map_file, map_type or "beg")
+        if backend is None and map_file is None and "path_map" not in t:
+            r.bad("backend", "missing (required unless path_map names the backend)")
+        hosts = _str_list(r, "hosts", _check_host_pattern)
+        methods = _str_list(r, "methods", _check_method)
+        headers = self._route_header_conditions(r)
         strip = r.get_bool("strip_prefix")
+        replace = r.get_str("replace_prefix")
+        if replace is not None and not replace.startswith("/"):
+            r.bad("replace_prefix", f"must start with /, got {_q(replace)}")
+        rewrite = self._rewrite_regex(r)
+        rewrites = [k for k in ("strip_prefix", "replace_prefix", "rewrite_regex") if t.get(k)]
+        if len(rewrites) > 1:
+            r.bad(rewrites[1], f"a route has one path rewrite; {rewrites[0]} is set already")
+        if (strip or replace is not None) and "path_prefix" not in t:
+            key = "strip_prefix" if strip else "replace_prefix"
+            r.bad(key, "only with path_prefix (the part it replaces)")
+        req_h = self._header_actions(r, "request_headers")
+        resp_h = self._header_actions(r, "response_headers")
+        fb = r.get_number("first_byte_timeout_s", ("float", 0, False))
+        total = r.get_number("total_timeout_s", ("float", 0, False))
+        max_body = r.get_number("max_body_bytes", ("int", 0, True))
         obj = None
-        if r.ok and name is not None and backend is not None:
+        if r.ok and name is not None:
             obj = RouteConfig(
                 name=name,
                 backend=backend,
                 path_prefix=prefix if prefix is not None else "/",
                 strip_prefix=bool(strip),
+                path=exact,
+                path_regex=path_re,
+                path_map=map_file,
+                path_map_type=map_type or "beg",
+                hosts=tuple(h.lower() for h in hosts),
+                methods=tuple(methods),
+                headers=headers,
+                replace_prefix=replace,
+                rewrite_regex=rewrite,
+                request_headers=req_h,
+                response_headers=resp_h,
+                first_byte_timeout_s=fb,
+                total_timeout_s=total,
+                max_body_bytes=max_body,
+                path_map_obj=map_obj,
             )
         self.routes.append(_Named(name, file, path, obj, backend))
+        if map_obj is not None:
+            # Every backend the map names must exist: checked in finish().
+            self.map_backends.append((r.file, r.at("path_map"), map_obj))
+
+    def _load_map(self, r: _Reader, path: str, kind: str) -> Any:
+        from fastgw._core.acl import load_map_file
+
+        try:
+            return load_map_file(path, kind)
+        except ConfigError as e:
+            for f, k, msg in e.problems:
+                self.problem(f, k, msg)
+            r.ok = False
+            return None
+
+    def _route_header_conditions(self, r: _Reader) -> tuple[tuple[str, str | None], ...]:
+        raw = r._get("headers", False)
+        if raw is None:
+            return ()
+        if not isinstance(raw, dict):
+            r.bad("headers", f"expected a table of name = value or true, got {_describe(raw)}")
+            return ()
+        out: list[tuple[str, str | None]] = []
+        for k, v in raw.items():
+            if not _TOKEN_RE.match(k):
+                r.bad("headers", f"{_q(k)} is not a header field name")
+            elif v is True:
+                out.append((k.lower(), None))
+            elif isinstance(v, str) and _FIELD_VALUE_RE.match(v):
+                out.append((k.lower(), v))
+            else:
+                r.bad_path(
+                    f"headers.{_key(k)}", "expected a header value (string) or true (present)"
+                )
+        return tuple(out)
+
+    def _header_actions(self, r: _Reader, key: str) -> HeaderActions:
+        raw = r._get(key, False)
+        if raw is None:
+            return HeaderActions()
+        if not isinstance(raw, dict):
+            r.bad(key, f"expected a table with set and/or remove, got {_describe(raw)}")
+            return HeaderActions()
+        sets: list[tuple[str, str]] = []
+        removes: list[str] = []
+        for k in raw:
+            if k not in ("set", "remove"):
+                r.bad_path(f"{key}.{_key(k)}", _unknown_key(k, ("set", "remove")))
+        s = raw.get("set", {})
+        if not isinstance(s, dict):
+            r.bad_path(f"{key}.set", f"expected a table of name = value, got {_describe(s)}")
+        else:
+            for k, v in s.items():
+                if not _TOKEN_RE.match(k):
+                    r.bad_path(f"{key}.set", f"{_q(k)} is not a header field name")
+                elif not isinstance(v, str) or not _FIELD_VALUE_RE.match(v):
+                    r.bad_path(f"{key}.set.{_key(k)}", "expected a header value (visible ASCII)")
+                elif k.lower() in _FRAMING_FIELDS:
+                    r.bad_path(f"{key}.set.{_key(k)}", "fastgw writes this field itself")
+                else:
+                    sets.append((k, v))
+        rm = raw.get("remove", [])
+        if not isinstance(rm, list) or not all(isinstance(x, str) for x in rm):
+            r.bad_path(f"{key}.remove", "expected an array of header field names")
+        else:
+            for x in rm:
+                if not _TOKEN_RE.match(x):
+                    r.bad_path(f"{key}.remove", f"{_q(x)} is not a header field name")
+                else:
+                    removes.append(x.lower())
+        return HeaderActions(set=tuple(sets), remove=tuple(removes))
+
+    def _rewrite_regex(self, r: _Reader) -> tuple[str, str] | None:
+        raw = r._get("rewrite_regex", False)
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or len(raw) != 2 or not all(isinstance(x, str) for x in raw):
+            r.bad("rewrite_regex", 'expected ["pattern", "replacement"]')
+            return None
+        pattern, repl = raw
+        compiled = _check_regex(r, "rewrite_regex", pattern)
+        if compiled is not None:
+            try:
+                compiled.sub(repl, "/")
+            except (re.error, IndexError) as e:
+                r.bad("rewrite_regex", f"bad replacement {_q(repl)}: {e}")
+                return None
+        return pattern, repl
 
     # -- across files --
 
@@ -652,7 +824,8 @@ class _Builder:
                     )
                 else:
                     addresses[addr] = item
-        prefixes: dict[str, _Named] = {}
+        # A route whose conditions equal an earlier route's can never match.
+        seen: dict[tuple, _Named] = {}
         for item in self.routes:
             # A file that could not be read may define the backend: do not guess then.
             if item.backend is not None and item.backend not in known_backends and not self.unread:
@@ -662,16 +835,35 @@ class _Builder:
                     _unknown_name("backend", item.backend, sorted(n for n in known_backends if n)),
                 )
             if isinstance(item.obj, RouteConfig):
-                prefix = item.obj.path_prefix
-                if prefix in prefixes:
+                o = item.obj
+                key = (
+                    o.path_prefix, o.path, o.path_regex, o.path_map, o.path_map_type,
+                    frozenset(o.hosts), frozenset(o.methods), frozenset(o.headers),
+                )  # fmt: skip
+                if key in seen:
                     self.problem(
                         item.file,
-                        f"{item.path}.path_prefix",
-                        f"same path_prefix {_q(prefix)} as route {_q(prefixes[prefix].name)}; "
+                        item.path,
+                        f"same conditions as route {_q(seen[key].name)}; "
                         "this route would never match",
                     )
                 else:
-                    prefixes[prefix] = item
+                    seen[key] = item
+        if not self.unread:
+            for file, where, m in self.map_backends:
+                for i in range(len(m)):
+                    _, value = m.entry(i)
+                    name = value.decode("utf-8", "replace")
+                    if name not in known_backends:
+                        src, line = m.location(i)
+                        self.problem(
+                            src,
+                            line,
+                            f"value {_q(name)} is not a backend (map used by {file}: {where}); "
+                            + _unknown_name(
+                                "backend", name, sorted(n for n in known_backends if n)
+                            ),
+                        )
         if (
             self.root is not None
             and not self.listeners
@@ -729,6 +921,12 @@ class _Reader:
     def bad(self, key: str, message: str) -> None:
         self.b.problem(self.file, self.at(key), message)
         self._bad_keys.add(key)
+        self.ok = False
+
+    def bad_path(self, subpath: str, message: str) -> None:
+        """Like ``bad`` for a dotted path below this table whose parts are already
+        quoted as needed (``request_headers.set.X-A``)."""
+        self.b.problem(self.file, f"{self.path}.{subpath}", message)
         self.ok = False
 
     def ok_key(self, key: str) -> bool:
@@ -859,6 +1057,45 @@ class _Reader:
 
 _PEM_CERT = "-----BEGIN CERTIFICATE-----"
 _PEM_KEY = "PRIVATE KEY-----"  # "BEGIN PRIVATE KEY", "BEGIN RSA PRIVATE KEY", "BEGIN EC ..."
+
+
+def _check_regex(r: _Reader, key: str, pattern: str) -> re.Pattern[str] | None:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        r.bad(key, f"bad regular expression {_q(pattern)}: {e}")
+        return None
+
+
+def _check_host_pattern(value: str) -> str | None:
+    if not _HOST_PATTERN_RE.match(value):
+        return f"{_q(value)} is not a host name or *.domain pattern"
+    return None
+
+
+def _check_method(value: str) -> str | None:
+    if not _METHOD_RE.match(value):
+        return f"{_q(value)} is not an HTTP method (upper case, e.g. GET)"
+    return None
+
+
+def _str_list(r: _Reader, key: str, check: Any) -> list[str]:
+    """A string or an array of strings, each checked; [] when absent or bad."""
+    raw = r._get(key, False)
+    if raw is None:
+        return []
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        r.bad(key, f"expected a string or an array of strings, got {_describe(raw)}")
+        return []
+    out = []
+    for i, x in enumerate(items):
+        problem = check(x)
+        if problem:
+            r.bad(f"{key}[{i}]" if isinstance(raw, list) else key, problem)
+        else:
+            out.append(x)
+    return out
 
 
 def _read_latin1(path: str) -> str:

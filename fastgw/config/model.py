@@ -8,6 +8,7 @@ Every number that is a limit says where its default came from. Times are seconds
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +98,44 @@ class BackendConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HeaderActions:
+    """Fields to set (replacing any the message had) and to remove, by name."""
+
+    set: tuple[tuple[str, str], ...] = ()
+    remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
+    """One route. Conditions (all must hold; first matching route in order wins):
+    ``hosts`` (exact names or ``*.example.com``; the port is ignored), one path condition
+    (``path_prefix`` whole segments, ``path`` exact, ``path_regex``, or ``path_map``: an
+    HAProxy map file whose value for the path names the backend), ``methods``, and
+    ``headers`` (name -> exact value, or None for "present"). Actions: the backend, one
+    path rewrite (``strip_prefix``, ``replace_prefix``, ``rewrite_regex``), header
+    actions both ways, and overrides of timeouts and the body limit."""
+
     name: str
-    backend: str
+    backend: str | None  # None when path_map names the backend
     path_prefix: str = "/"
     strip_prefix: bool = False
+    path: str | None = None
+    path_regex: str | None = None
+    path_map: str | None = None
+    path_map_type: str = "beg"
+    hosts: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    headers: tuple[tuple[str, str | None], ...] = ()
+    replace_prefix: str | None = None
+    rewrite_regex: tuple[str, str] | None = None
+    request_headers: HeaderActions = field(default_factory=HeaderActions)
+    response_headers: HeaderActions = field(default_factory=HeaderActions)
+    first_byte_timeout_s: float | None = None
+    total_timeout_s: float | None = None
+    max_body_bytes: int | None = None
+    # The loaded map (a fastgw._core.acl.Map), built while loading the config so that a
+    # reload parses it off the event loop and ``fastgw check`` validates it.
+    path_map_obj: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

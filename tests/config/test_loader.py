@@ -763,7 +763,7 @@ CASES: list[tuple[str, dict[str, object], str, str]] = [
         "route without backend",
         {"route": {"backend": None}},
         "routes[0].backend",
-        "missing (required)",
+        "missing (required unless path_map names the backend)",
     ),
     ("route without name", {"route": {"name": None}}, "routes[0].name", "missing (required)"),
     (
@@ -798,10 +798,10 @@ CASES: list[tuple[str, dict[str, object], str, str]] = [
         'duplicate route name "all" (first at routes[0])',
     ),
     (
-        "duplicate prefix",
+        "duplicate conditions",
         {"extra": section("[[routes]]", ROUTE, {"name": '"b"'})},
-        "routes[1].path_prefix",
-        'same path_prefix "/" as route "all"; this route would never match',
+        "routes[1]",
+        'same conditions as route "all"; this route would never match',
     ),
     # listeners
     (
