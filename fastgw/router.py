@@ -148,6 +148,16 @@ class Route:
         limit = config.max_body_bytes
         self.max_body_bytes = limit if limit is not None else gw_config.limits.max_body_bytes
 
+    def is_plain_prefix(self) -> bool:
+        """Only a path_prefix condition (any host, method and headers)."""
+        return (
+            self.path_kind == P_PREFIX
+            and self.any_host
+            and self.methods is None
+            and not self.headers
+            and self.backend is not None
+        )
+
     def upstream_path(self, path: bytes) -> bytes:
         """The path sent upstream after this route's rewrite (query kept)."""
         if self.strip or self.replace_prefix is not None:
@@ -174,14 +184,62 @@ def _headers_hold(conds: tuple[tuple[bytes, bytes | None], ...], head: RequestHe
     return True
 
 
+class _PrefixGroup:
+    """A run of consecutive routes with only a ``path_prefix`` condition, found with one
+    core map lookup instead of one test per route.
+
+    First match in config order equals longest match once shadowed routes are dropped:
+    a route whose prefix extends an earlier route's prefix (at a segment boundary) can
+    never match, since every path it would take the earlier one takes first; among the
+    rest, for any two nested prefixes the longer comes first. So the index is a ``beg``
+    map (longest prefix) over "prefix/" keys, looked up with "path/", which makes the
+    match whole-segment ("/api" takes "/api" and "/api/x", not "/apix")."""
+
+    __slots__ = ("map", "routes")
+
+    def __init__(self, routes: list[Route]) -> None:
+        from fastgw._core.acl import Map
+
+        kept: list[Route] = []
+        for rt in routes:
+            d = rt.prefix_dir + b"/"
+            if not any(d.startswith(k.prefix_dir + b"/") for k in kept):
+                kept.append(rt)
+        self.routes = kept
+        self.map = Map("beg", [(rt.prefix_dir + b"/", b"") for rt in kept])
+
+    def find(self, path: bytes) -> Route | None:
+        q = path.find(b"?")
+        i = self.map.lookup_index((path if q < 0 else path[:q]) + b"/")
+        return self.routes[i] if i >= 0 else None
+
+
+# Runs of at least this many prefix-only routes are indexed (below it a scan is faster).
+_GROUP_MIN = 4
+
+
 class Router:
-    __slots__ = ("by_value", "needs_host", "routes")
+    __slots__ = ("by_value", "needs_host", "plan", "routes")
 
     def __init__(self, routes: list[Route], backends: dict[str, Backend]) -> None:
         self.routes = routes
         # Map values name backends: looked up by the value's bytes, no decoding.
         self.by_value = {name.encode(): b for name, b in backends.items()}
         self.needs_host = any(not r.any_host for r in routes)
+        # The routes in order, with runs of prefix-only routes replaced by an index.
+        self.plan: list[Route | _PrefixGroup] = []
+        run: list[Route] = []
+        for rt in [*routes, None]:
+            if rt is not None and rt.is_plain_prefix():
+                run.append(rt)
+                continue
+            if len(run) >= _GROUP_MIN:
+                self.plan.append(_PrefixGroup(run))
+            else:
+                self.plan.extend(run)
+            run = []
+            if rt is not None:
+                self.plan.append(rt)
 
     def match(self, head: RequestHead) -> tuple[Route, Backend, bytes] | None:
         """The first route whose conditions hold, its backend, and the upstream path."""
@@ -196,51 +254,58 @@ class Router:
                 if c > 0 and h.find(b"]", c) < 0:
                     h = h[:c]
                 host = h.lower().rstrip(b".")
-        for r in self.routes:
-            if r.methods is not None and method not in r.methods:
-                continue
-            if not r.any_host:
-                if host is None:
+        r: Route
+        for item in self.plan:
+            if type(item) is _PrefixGroup:
+                found = item.find(path)
+                if found is None:
                     continue
-                if host not in r.hosts:
-                    for s in r.host_suffixes:
-                        if host.endswith(s) and len(host) > len(s):
-                            break
-                    else:
-                        continue
-            kind = r.path_kind
-            backend = r.backend
-            if kind == P_PREFIX:
-                d = r.prefix_dir
-                if d:
-                    if not path.startswith(d):
-                        continue
-                    n = len(d)
-                    if len(path) != n and path[n] not in b"/?":
-                        continue
+                r = found
+                backend = r.backend
             else:
-                q = path.find(b"?")
-                p = path if q < 0 else path[:q]
-                if kind == P_EXACT:
-                    if p != r.path_exact:
+                r = item  # type: ignore[assignment]
+                if r.methods is not None and method not in r.methods:
+                    continue
+                if not r.any_host:
+                    if host is None:
                         continue
-                elif kind == P_REGEX:
-                    assert r.path_re is not None
-                    if r.path_re.search(p) is None:
-                        continue
+                    if host not in r.hosts:
+                        for s in r.host_suffixes:
+                            if host.endswith(s) and len(host) > len(s):
+                                break
+                        else:
+                            continue
+                kind = r.path_kind
+                backend = r.backend
+                if kind == P_PREFIX:
+                    d = r.prefix_dir
+                    if d:
+                        if not path.startswith(d):
+                            continue
+                        n = len(d)
+                        if len(path) != n and path[n] not in b"/?":
+                            continue
                 else:
-                    value = r.path_map.lookup(p)
-                    if value is None:
-                        continue
-                    backend = self.by_value.get(value)
-                    if backend is None:
-                        continue
-            if r.headers and not _headers_hold(r.headers, head):
-                continue
+                    q = path.find(b"?")
+                    p = path if q < 0 else path[:q]
+                    if kind == P_EXACT:
+                        if p != r.path_exact:
+                            continue
+                    elif kind == P_REGEX:
+                        assert r.path_re is not None
+                        if r.path_re.search(p) is None:
+                            continue
+                    else:
+                        value = r.path_map.lookup(p)
+                        if value is None:
+                            continue
+                        backend = self.by_value.get(value)
+                        if backend is None:
+                            continue
+                if r.headers and not _headers_hold(r.headers, head):
+                    continue
             assert backend is not None
-            return (
-                r,
-                backend,
-                r.upstream_path(path) if (r.strip or r.replace_prefix or r.rewrite) else path,
-            )
+            if r.strip or r.replace_prefix is not None or r.rewrite is not None:
+                return r, backend, r.upstream_path(path)
+            return r, backend, path
         return None

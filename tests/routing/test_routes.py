@@ -246,3 +246,41 @@ def test_config_errors_for_routes(tmp_path: Path) -> None:
     assert ("gateway.toml", "routes[2].methods[0]") in got
     assert ("gateway.toml", "routes[3].hosts[0]") in got
     assert ("gateway.toml", "routes[3].request_headers.set.Content-Length") in got
+
+
+async def test_prefix_index_keeps_first_match_order(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """Runs of prefix-only routes are indexed; the answers must equal a scan in order,
+    shadowed routes included (an earlier shorter prefix takes its subtree)."""
+    _, port, _ = await setup(
+        nursery,
+        tmp_path,
+        """
+[[routes]]
+name = "v2"
+path_prefix = "/api/v2"
+backend = "b"
+[[routes]]
+name = "api"
+path_prefix = "/api"
+backend = "a"
+[[routes]]
+name = "shadowed"
+path_prefix = "/api/v3"
+backend = "c"
+[[routes]]
+name = "static"
+path_prefix = "/static/"
+backend = "c"
+[[routes]]
+name = "root"
+path_prefix = "/"
+backend = "b"
+""",
+    )
+    assert (await get(port, b"/api/v2/x")).body == b"B /api/v2/x"
+    assert (await get(port, b"/api/v3/x")).body == b"A /api/v3/x"  # "api" comes first
+    assert (await get(port, b"/api")).body == b"A /api"
+    assert (await get(port, b"/apix")).body == b"B /apix"  # whole segments only
+    assert (await get(port, b"/static/a.css?v=1")).body == b"C /static/a.css?v=1"
+    assert (await get(port, b"/static")).body == b"C /static"
+    assert (await get(port, b"/")).body == b"B /"
