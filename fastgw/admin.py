@@ -10,6 +10,7 @@ parser, answered and closed.
 - ``/readyz``: 200 when the config is loaded and every listener is bound and accepting;
   503 while draining.
 - ``/config``: the effective configuration as JSON, secrets redacted.
+- ``POST /maps/reload``: re-read the routes' map files and swap them in atomically.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+import trio
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from fastgw._core.http import parse_request_head
-from fastgw.errors import ProtocolError
+from fastgw.errors import ConfigError, ProtocolError
 from fastgw.metrics import make_registry
 
 if TYPE_CHECKING:
@@ -154,11 +156,56 @@ class AdminServer:
             return
         except OSError:
             return
-        if head.method not in (b"GET", b"HEAD"):
+        if head.method == b"POST" and head.path.split(b"?", 1)[0] == b"/maps/reload":
+            status, ctype, body = self._reload_maps()
+        elif head.method not in (b"GET", b"HEAD"):
             status, ctype, body = 405, b"application/json", b'{"error":"method"}\n'
         else:
             status, ctype, body = _answer(self.gw, self.registry, head.target)
         _send(conn, status, ctype, body, head.method == b"HEAD")
+
+    def _reload_maps(self) -> tuple[int, bytes, bytes]:
+        """POST /maps/reload: re-read every route's map file and swap them in at once
+        (a new state: a request sees all old maps or all new ones). The maps are built
+        here, on the admin thread; only the swap runs on the event loop. A map that does
+        not load, or names a backend that does not exist, leaves everything as it was."""
+        from fastgw._core.acl import load_map_file
+
+        gw = self.gw
+        config = gw.config
+        problems: list[list[str]] = []
+        routes = []
+        reloaded = []
+        for rc in config.routes:
+            if rc.path_map is not None:
+                try:
+                    m = load_map_file(rc.path_map, rc.path_map_type)
+                except ConfigError as e:
+                    problems.extend([list(p) for p in e.problems])
+                    continue
+                for i in range(len(m)):
+                    value = m.entry(i)[1].decode("utf-8", "replace")
+                    if value not in config.backends:
+                        src, line = m.location(i)
+                        problems.append([src, line, f"value {value!r} is not a backend"])
+                rc = dataclasses.replace(rc, path_map_obj=m)
+                reloaded.append({"route": rc.name, "file": rc.path_map, "entries": len(m)})
+            routes.append(rc)
+        if problems:
+            gw.reloads_failed += 1
+            body = json.dumps({"reloaded": False, "problems": problems}).encode() + b"\n"
+            return 422, b"application/json", body
+        new = dataclasses.replace(config, routes=tuple(routes))
+        try:
+            trio.from_thread.run_sync(gw.reload, new, trio_token=gw.trio_token)
+        except (OSError, RuntimeError, trio.RunFinishedError) as e:
+            gw.reloads_failed += 1
+            return (
+                503,
+                b"application/json",
+                json.dumps({"reloaded": False, "error": str(e)}).encode(),
+            )
+        return 200, b"application/json", json.dumps({"reloaded": reloaded}).encode() + b"\n"
 
 
 def _send(sock: socket.socket, status: int, ctype: bytes, body: bytes, head_only: bool) -> None:
@@ -174,6 +221,7 @@ def _send(sock: socket.socket, status: int, ctype: bytes, body: bytes, head_only
 
 _REASONS = {
     200: b"OK",
+    422: b"Unprocessable Content",
     400: b"Bad Request",
     404: b"Not Found",
     405: b"Method Not Allowed",

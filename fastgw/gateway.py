@@ -117,6 +117,7 @@ class Gateway:
         self.reloads_failed = 0
         self.last_reload_ok_unix = time.time()
         self.admin_address: tuple[str, int] | None = None
+        self.trio_token: trio.lowlevel.TrioToken | None = None
         self._admin: AdminServer | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
@@ -185,6 +186,7 @@ class Gateway:
                 for lst in listeners.values():
                     self._start_listener(lst)
                 self.now = trio.current_time()
+                self.trio_token = trio.lowlevel.current_trio_token()
                 nursery.start_soon(self._watchdog)
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)

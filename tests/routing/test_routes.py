@@ -284,3 +284,36 @@ backend = "b"
     assert (await get(port, b"/static/a.css?v=1")).body == b"C /static/a.css?v=1"
     assert (await get(port, b"/static")).body == b"C /static"
     assert (await get(port, b"/")).body == b"B /"
+
+
+async def test_map_reload_through_admin(nursery: trio.Nursery, tmp_path: Path) -> None:
+    import dataclasses
+    import json
+
+    from fastgw.config.model import AdminConfig
+
+    m = tmp_path / "paths.map"
+    m.write_text("/x a\n")
+    gw, port, _ = await setup(nursery, tmp_path, '[[routes]]\nname = "m"\npath_map = "paths.map"\n')
+    # The admin side comes from config; restart with it on.
+    gw2 = Gateway(dataclasses.replace(gw.config, admin=AdminConfig(host="127.0.0.1", port=0)))
+    port = (await nursery.start(gw2.serve))[0][1]
+    assert gw2.admin_address is not None
+    admin = gw2.admin_address[1]
+
+    async def post_reload() -> tuple[int, dict]:
+        c = await Client.open(admin)
+        await c.send_raw(b"POST /maps/reload HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+        r = await c.read_response(b"POST")
+        return r.status, json.loads(r.body)
+
+    assert (await get(port, b"/x")).body == b"A /x"
+    m.write_text("/x b\n")
+    status, body = await post_reload()
+    assert status == 200 and body["reloaded"][0]["entries"] == 1
+    assert (await get(port, b"/x")).body == b"B /x"
+    # A map naming an unknown backend is refused; the old map keeps serving.
+    m.write_text("/x nope\n")
+    status, body = await post_reload()
+    assert status == 422 and "nope" in json.dumps(body["problems"])
+    assert (await get(port, b"/x")).body == b"B /x"
