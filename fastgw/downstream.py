@@ -42,6 +42,16 @@ from fastgw._core.http import (
     parse_response_head,
 )
 from fastgw.errors import ProtocolError
+from fastgw.identity import (
+    ANONYMOUS,
+    AuthError,
+    Identity,
+    IssuerUnavailable,
+    UnknownKey,
+    answer_for,
+    bearer_token,
+    identity_from_peer_cert,
+)
 from fastgw.transport import PlainTransport
 from fastgw.upstream.pool import Pool, UpstreamConn, UpstreamConnectError
 
@@ -86,6 +96,54 @@ _REASONS = {
 }
 
 
+def _header_lines(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
+    return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+
+
+def _moved_authorization(head) -> bytes | None:  # type: ignore[no-untyped-def]
+    value = head.get(b"authorization")
+    return None if value is None else b"X-Forwarded-Authorization: " + value + b"\r\n"
+
+
+# Header values must be visible ASCII or space (RFC 9110 5.5); anything else in a claim
+# is percent-encoded so a claim can never inject a field or a line.
+_SAFE_VALUE = re.compile(rb"[\x20-\x7e]*")
+
+
+def _safe(value: object) -> bytes:
+    raw = value if isinstance(value, bytes) else str(value).encode("utf-8")
+    if _SAFE_VALUE.fullmatch(raw) and b"%" not in raw:
+        return raw
+    return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in raw)
+
+
+def identity_lines(gw, identity: Identity, issuer_name: str | None, cfg) -> bytes:  # type: ignore[no-untyped-def]
+    """The identity fields sent upstream (X-Fastgw-Identity/Subject/Issuer/Key and the
+    configured claims), rendered once per identity object and cached: a cached token
+    yields the same Identity object, so a repeat caller costs a dict lookup."""
+    cache = gw.identity_headers
+    out = cache.get(identity)
+    if out is not None:
+        return out
+    p = cfg.header_prefix.encode()
+    lines = [p + b"Identity: " + identity.kind.encode() + b"\r\n"]
+    if identity.subject:
+        lines.append(p + b"Subject: " + _safe(identity.subject) + b"\r\n")
+    if issuer_name is not None:
+        lines.append(p + b"Issuer: " + _safe(issuer_name) + b"\r\n")
+    if identity.kind == "apikey" and identity.key:
+        lines.append(p + b"Key: " + _safe(identity.key) + b"\r\n")
+    for claim in cfg.claim_headers:
+        v = identity.claims.get(claim)
+        if isinstance(v, str | int | float) and not isinstance(v, bool):
+            lines.append(p + b"Claim-" + claim.encode() + b": " + _safe(v) + b"\r\n")
+    out = b"".join(lines)
+    if len(cache) > 10000:
+        cache.clear()
+    cache[identity] = out
+    return out
+
+
 class UpstreamFailed(Exception):
     """The upstream broke the exchange. ``sent`` says whether the request may have
     reached the function; ``status`` is what to answer if no response has started."""
@@ -111,7 +169,9 @@ class ClientGone(Exception):
     """The client closed or reset its connection mid-exchange."""
 
 
-def error_response(status: int, code: str, detail: str, rid: bytes, *, close: bool) -> bytes:
+def error_response(
+    status: int, code: str, detail: str, rid: bytes, *, close: bool, extra: bytes = b""
+) -> bytes:
     body = json.dumps(
         {"error": code, "status": status, "detail": detail, "request_id": rid.decode()},
         separators=(",", ":"),
@@ -120,7 +180,7 @@ def error_response(status: int, code: str, detail: str, rid: bytes, *, close: bo
         f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
     ).encode()
-    head += b"X-Request-Id: " + rid + b"\r\n"
+    head += b"X-Request-Id: " + rid + b"\r\n" + extra
     if close:
         head += b"Connection: close\r\n"
     return head + b"\r\n" + body
@@ -130,7 +190,9 @@ class Downstream:
     __slots__ = (
         "answered",
         "deadline",
+        "decision_reason",
         "gw",
+        "identity",
         "idle",
         "linger",
         "peer_ip",
@@ -157,6 +219,8 @@ class Downstream:
         self.requests = 0
         self.rid = b"-"
         self.route: Route | None = None
+        self.identity: Identity | None = None
+        self.decision_reason: str | None = None
         self.t0 = 0.0
         self.upconn: UpstreamConn | None = None
         # True once any byte of a response to the current request went to the client.
@@ -228,6 +292,7 @@ class Downstream:
             self.rid = rid
             buf, pos, keep = await self._exchange(state, head, buf, pos, rid)
             self.route = None
+            self.identity = None
             if not keep:
                 return
             if pos >= len(buf):
@@ -252,7 +317,16 @@ class Downstream:
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         route, backend, path = matched
         self.route = route
+        self.identity = None
         method = head.method
+        id_extra = None
+        if route.auth is not None or state.verifier is not None:
+            id_extra = await self._authorize(state, head, route, rid)
+            if id_extra is False:
+                # Answered (401/403/503); the body, if any, was not read.
+                return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+        elif state.config.identity.authorization == "move":
+            id_extra = _moved_authorization(head)
         max_body = route.max_body_bytes
         if kind:
             if kind == BODY_LENGTH and max_body and head.content_length > max_body:
@@ -286,7 +360,9 @@ class Downstream:
             xff_append=state.xff_append,
             via=state.via,
             strip=route.req_strip,
-            extra=route.req_extra,
+            extra=(route.req_extra + id_extra if route.req_extra else id_extra)
+            if id_extra
+            else route.req_extra,
         )
         bcfg = backend.config
         deadline_total = gw.now + (route.total_timeout_s or bcfg.total_timeout_s)
@@ -531,7 +607,7 @@ class Downstream:
             audit.record(
                 (
                     _wall(), rid, self.peer_ip, route.name, backend.name, pool.endpoint.url,
-                    status, "allow", None, None, None, None, dur, fb_s,
+                    status, "allow", self.decision_reason, *self._who(), dur, fb_s,
                     head.content_length if kind == BODY_LENGTH
                     else (reader.body_bytes if reader is not None else 0),
                     rh.content_length if ukind == BODY_LENGTH else None,
@@ -654,8 +730,105 @@ class Downstream:
                 sent=True,
             ) from None
 
+    def _who(self) -> tuple[str | None, str | None, str | None]:
+        """(subject, issuer, key) for the audit log."""
+        ident = self.identity
+        if ident is None:
+            return None, None, None
+        return ident.subject or None, ident.issuer, ident.key
+
+    async def _authorize(self, state, head, route: Route, rid: bytes):  # type: ignore[no-untyped-def]
+        """Establish who calls and decide whether they may. Returns the identity field
+        lines for the upstream head (b"" when there are none), or False after answering
+        401/400 (credentials), 403 (a policy) or 503 (the token's issuer has no keys)."""
+        gw = self.gw
+        auth = route.auth
+        ident_cfg = state.config.identity
+        try:
+            identity = await self._authenticate(state, head)
+        except (AuthError, IssuerUnavailable) as e:
+            ans = answer_for(e, ident_cfg.realm)
+            gw.auth_counts[(getattr(e, "issuer", None) or "-", ans.code)] += 1
+            gw.count_error("unauthenticated" if ans.status != 503 else "issuer_unavailable")
+            await self.send_error(
+                ans.status, ans.code, ans.detail, rid, close=head.body_kind != BODY_NONE,
+                extra=_header_lines(ans.headers), decision="deny",
+            )  # fmt: skip
+            return False
+        if identity is None:
+            if auth is not None and not auth.allow_anonymous:
+                ans = answer_for(None, ident_cfg.realm)
+                gw.auth_counts[("-", "missing")] += 1
+                gw.count_error("unauthenticated")
+                await self.send_error(
+                    ans.status, ans.code, ans.detail, rid, close=head.body_kind != BODY_NONE,
+                    extra=_header_lines(ans.headers), decision="deny",
+                )  # fmt: skip
+                return False
+            identity = ANONYMOUS
+        self.identity = identity
+        issuer_name = state.iss_names.get(identity.issuer) if identity.kind == "jwt" else None
+        gw.auth_counts[(issuer_name or identity.kind, "ok")] += 1
+        self.decision_reason = None
+        if auth is not None:
+            denied, shadows = auth.evaluate(identity, issuer_name)
+            for s in shadows:
+                gw.policy_counts[(s.policy, "shadow_allow" if s.allow else "shadow_deny")] += 1
+            if denied is not None:
+                gw.policy_counts[(denied.policy, "deny")] += 1
+                self.decision_reason = denied.reason
+                gw.count_error("forbidden")
+                await self.send_error(
+                    403, "forbidden", f"denied by policy {denied.reason}", rid,
+                    close=head.body_kind != BODY_NONE, decision="deny",
+                )  # fmt: skip
+                return False
+            for p in auth.enforce:
+                gw.policy_counts[(p.name, "allow")] += 1
+            self.decision_reason = ",".join(p.name for p in auth.enforce) or None
+        extra = identity_lines(gw, identity, issuer_name, ident_cfg)
+        if ident_cfg.authorization == "move":
+            extra += _moved_authorization(head) or b""
+        return extra
+
+    async def _authenticate(self, state, head) -> Identity | None:  # type: ignore[no-untyped-def]
+        """The caller's identity from, in order: a bearer token, an API key, the verified
+        client certificate; None when there is no credential at all. Raises AuthError
+        (invalid credentials) or IssuerUnavailable."""
+        token = bearer_token(head.get(b"authorization"))
+        if token is not None:
+            verifier = state.verifier
+            if verifier is None:
+                raise AuthError("invalid_token", "bearer tokens are not accepted here")
+            now = _wall()
+            try:
+                return verifier.verify(token, now)
+            except UnknownKey:
+                # A key we have not seen: one (rate-limited) refetch, then once more.
+                return await verifier.verify_async(token, now)
+        keys = state.config.identity.api_keys
+        if keys is not None:
+            presented = head.get(keys.header_name)
+            if presented is not None:
+                ident = keys.lookup(presented)
+                if ident is None:
+                    raise AuthError("invalid_token", "unknown API key")
+                return ident
+        peer = self.t.peer_cert
+        if peer:
+            return identity_from_peer_cert(peer)
+        return None
+
     async def send_error(
-        self, status: int, code: str, detail: str, rid: bytes, *, close: bool
+        self,
+        status: int,
+        code: str,
+        detail: str,
+        rid: bytes,
+        *,
+        close: bool,
+        extra: bytes = b"",
+        decision: str = "error",
     ) -> None:
         self.answered = True
         if close and status != 408:  # a client too slow to send is not worth waiting for
@@ -673,11 +846,13 @@ class Downstream:
                 (
                     _wall(), rid, self.peer_ip, route.name if route else None,
                     route.backend.name if route and route.backend else None, None, status,
-                    "error", code, None, None, None, dur, None, None, None, 0, None,
+                    decision, code, *self._who(), dur, None, None, None, 0, None,
                 )
             )  # fmt: skip
         try:
-            await self.t.send_all(error_response(status, code, detail, rid, close=close))
+            await self.t.send_all(
+                error_response(status, code, detail, rid, close=close, extra=extra)
+            )
         except OSError:
             pass
 

@@ -33,6 +33,8 @@ from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
 from fastgw.downstream import Downstream
 from fastgw.errors import ProtocolError
+from fastgw.identity import Verifier
+from fastgw.policy import route_auth
 from fastgw.router import Route, Router
 from fastgw.transport import PlainTransport, TLSTransport
 from fastgw.upstream.backend import Backend
@@ -49,13 +51,35 @@ ACCEPT_BURST = 64
 class GatewayState:
     """Everything compiled from one config; immutable once built."""
 
-    __slots__ = ("backends", "config", "limits", "router", "via", "xff_append")
+    __slots__ = (
+        "backends",
+        "config",
+        "environment",
+        "iss_names",
+        "limits",
+        "router",
+        "verifier",
+        "via",
+        "xff_append",
+    )
 
     router: Router
 
     def __init__(self, config: GatewayConfig, previous: GatewayState | None = None) -> None:
         self.config = config
         self.limits = config.limits
+        self.environment = os.environ.get("FASTGW_ENV") or config.environment
+        ident = config.identity
+        # Token issuers by ``iss`` value -> their config name (what policies refer to).
+        self.iss_names = {i.issuer: i.name for i in ident.issuers}
+        # The verifier (and its key fetchers and token cache) survives a reload that
+        # keeps the same issuers; the gateway starts a new one's fetchers otherwise.
+        self.verifier: Verifier | None = None
+        if ident.issuers:
+            if previous is not None and previous.config.identity.issuers == ident.issuers:
+                self.verifier = previous.verifier
+            else:
+                self.verifier = Verifier(list(ident.issuers), cache_size=ident.token_cache_size)
         self.via = config.via.encode() if config.via else None
         self.xff_append = config.xff_append
         old: dict[str, Backend] = previous.backends if previous else {}
@@ -74,6 +98,7 @@ class GatewayState:
                     self.backends[r.backend] if r.backend is not None else None,
                     config,
                     previous=old_routes.get(r.name),
+                    auth=route_auth(config.policies, r.name, self.environment),
                 )
                 for r in config.routes
             ],
@@ -118,6 +143,13 @@ class Gateway:
         self.last_reload_ok_unix = time.time()
         self.admin_address: tuple[str, int] | None = None
         self.trio_token: trio.lowlevel.TrioToken | None = None
+        self._verifier_scopes: dict[int, trio.CancelScope] = {}
+        # Counters of authentication outcomes (issuer or kind, result) and policy
+        # decisions (policy, decision): bounded by the config's names.
+        self.auth_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.policy_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # Identity headers rendered once per identity (a cached token's is reused).
+        self.identity_headers: dict[object, bytes] = {}
         self._admin: AdminServer | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
@@ -147,12 +179,19 @@ class Gateway:
         self.errors[code] += 1
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """Ready when the config is loaded and every listener is bound and accepting."""
+        """Ready when the config is loaded, every listener is bound and accepting, and
+        every token issuer's keys are loaded (a gateway serves before that, answering
+        503 for that issuer's tokens; readiness tells a load balancer to wait)."""
         why = []
         if self.draining:
             why.append("draining")
         if not self._listeners or any(lst.closed for lst in self._listeners.values()):
             why.append("listeners not bound")
+        v = self.state.verifier
+        if v is not None:
+            for iss in self.state.config.identity.issuers:
+                if not v.ready(iss.name):
+                    why.append(f"issuer {iss.name}: keys not loaded")
         return not why, why
 
     def statistics(self) -> dict[str, object]:
@@ -190,6 +229,7 @@ class Gateway:
                 nursery.start_soon(self._watchdog)
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)
+                self._start_verifier(self.state)
                 admin_cfg = self.state.config.admin
                 if admin_cfg is not None:
                     from fastgw.admin import AdminServer
@@ -242,6 +282,12 @@ class Gateway:
         for b in old_state.backends.values():
             if id(b) not in kept:
                 b.close()  # busy connections close when their exchange releases them
+        if old_state.verifier is not state.verifier:
+            if old_state.verifier is not None:
+                scope = self._verifier_scopes.pop(id(old_state.verifier), None)
+                if scope is not None:
+                    scope.cancel()
+            self._start_verifier(state)
         self.reloads_ok += 1
         self.last_reload_ok_unix = time.time()
 
@@ -266,6 +312,23 @@ class Gateway:
                     lst.close()
             raise
         return out
+
+    def _start_verifier(self, state: GatewayState) -> None:
+        """Run the state's key fetchers (if it has a verifier not running yet) in their
+        own cancel scope, so a reload that replaces the issuers can stop them."""
+        v = state.verifier
+        if v is None or id(v) in self._verifier_scopes:
+            return
+        scope = trio.CancelScope()
+        self._verifier_scopes[id(v)] = scope
+
+        async def run() -> None:
+            with scope:
+                await v.run()
+
+        # Not awaited: the gateway serves while an identity provider is down (requests
+        # for that issuer get 503 until its keys arrive).
+        self._nursery.start_soon(run)
 
     def _start_listener(self, lst: _Listener) -> None:
         lst.scope = trio.CancelScope()
@@ -307,6 +370,8 @@ class Gateway:
             if ticks % 10 == 0:
                 for b in self.state.backends.values():
                     b.expire_idle(now)
+            if ticks % 600 == 0 and self.state.verifier is not None:
+                self.state.verifier.cache_prune(time.time())  # drop expired tokens
 
     async def _accept_loop(self, lst: _Listener) -> None:
         """Accept in bursts: up to ACCEPT_BURST connections per wake-up without yielding

@@ -125,6 +125,39 @@ class GatewayCollector(Collector):
         for code, n in sorted(list(gw.errors.items())):  # one C-level copy: see fastgw.admin
             errs.add_metric([code], n)
         yield errs
+        auth = CounterMetricFamily(
+            "fastgw_auth",
+            "Authentication outcomes by issuer (or identity kind) and result",
+            labels=["issuer", "result"],
+        )
+        for (iss, result), n in sorted(list(gw.auth_counts.items())):
+            auth.add_metric([iss, result], n)
+        yield auth
+        pol = CounterMetricFamily(
+            "fastgw_policy_decisions",
+            "Policy decisions: allow, deny, shadow_allow, shadow_deny",
+            labels=["policy", "decision"],
+        )
+        for (name, decision), n in sorted(list(gw.policy_counts.items())):
+            pol.add_metric([name, decision], n)
+        yield pol
+        v = state.verifier
+        if v is not None:
+            vs = v.statistics()
+            yield CounterMetricFamily(
+                "fastgw_token_cache_hits", "Bearer tokens found verified", value=vs["cache_hits"]
+            )
+            yield CounterMetricFamily(
+                "fastgw_token_cache_misses",
+                "Bearer tokens checked by signature",
+                value=vs["cache_misses"],
+            )
+            ready = GaugeMetricFamily(
+                "fastgw_issuer_ready", "1 when an issuer's keys are loaded", labels=["issuer"]
+            )
+            for name in sorted(vs["issuers"]):
+                ready.add_metric([name], 1 if v.ready(name) else 0)
+            yield ready
         reloads = CounterMetricFamily(
             "fastgw_config_reloads", "Configuration reloads by result", labels=["result"]
         )

@@ -24,6 +24,7 @@ from typing import Any
 from fastgw._core.http import RequestHead, StripSet
 from fastgw._core.metrics import Histogram
 from fastgw.config.model import GatewayConfig, RouteConfig
+from fastgw.policy import RouteAuth
 from fastgw.upstream.backend import Backend
 
 # Fields a client may never set towards a function: Expect is answered by the gateway
@@ -45,6 +46,7 @@ def _render(fields: tuple[tuple[str, str], ...]) -> bytes | None:
 class Route:
     __slots__ = (
         "any_host",
+        "auth",
         "backend",
         "config",
         "duration",
@@ -79,8 +81,10 @@ class Route:
         backend: Backend | None,
         gw_config: GatewayConfig,
         previous: Route | None = None,
+        auth: RouteAuth | None = None,
     ) -> None:
         self.config = config
+        self.auth = auth
         self.name = config.name
         self.backend = backend
         # Counters outlive a reload when the route keeps its name (metrics stay monotonic).
@@ -129,9 +133,14 @@ class Route:
             self.rewrite = (re.compile(pat.encode()), repl.encode())
 
         rq = config.request_headers
+        ident = gw_config.identity
+        auth_strip = () if ident.authorization == "pass" else (b"authorization",)
+        # The identity namespace is stripped on every route, guarded or not: a client
+        # must never be able to pose as an identity the gateway vouches for.
         self.req_strip = StripSet(
-            names=ALWAYS_STRIP + tuple(n.encode() for n in rq.remove)
-            + tuple(k.lower().encode() for k, _ in rq.set)
+            names=ALWAYS_STRIP + auth_strip + tuple(n.encode() for n in rq.remove)
+            + tuple(k.lower().encode() for k, _ in rq.set),
+            prefixes=(ident.header_prefix.lower().encode(),),
         )  # fmt: skip
         self.req_extra = _render(rq.set)
         rs = config.response_headers

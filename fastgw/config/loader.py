@@ -46,11 +46,15 @@ from fastgw.config.model import (
     AdminConfig,
     AuditConfig,
     BackendConfig,
+    ClaimCondition,
     Endpoint,
     GatewayConfig,
     HeaderActions,
+    IdentityConfig,
     Limits,
     ListenerConfig,
+    PolicyConfig,
+    PolicyRule,
     RouteConfig,
 )
 from fastgw.errors import ConfigError
@@ -61,11 +65,25 @@ Problem = tuple[str, str, str]
 
 # --- the schema, as data -------------------------------------------------------------
 
-_ROOT_KEYS = ("include", "gateway", "limits", "admin", "audit", "listeners", "backends", "routes")
+_ROOT_KEYS = (
+    "include", "gateway", "limits", "admin", "audit", "identity", "listeners", "backends",
+    "routes", "issuers", "api_keys", "policies",
+)  # fmt: skip
 _ADMIN_KEYS = ("address",)
 _AUDIT_KEYS = ("enabled", "path", "sample_success")
-_INCLUDED_KEYS = ("include", "listeners", "backends", "routes")
-_GATEWAY_KEYS = ("via", "xff_append", "drain_timeout_s")
+# Included files: routing files and security files (issuers, API keys, policies).
+_INCLUDED_KEYS = ("include", "listeners", "backends", "routes", "issuers", "api_keys", "policies")
+_GATEWAY_KEYS = ("via", "xff_append", "drain_timeout_s", "environment")
+_IDENTITY_KEYS = ("realm", "header_prefix", "authorization", "claim_headers", "token_cache_size")
+_ISSUER_KEYS = (
+    "issuer", "audiences", "algorithms", "leeway_s", "max_token_bytes", "required_claims",
+    "discovery_url", "jwks_url", "key_files", "hmac_secret_file", "hmac_secret_env",
+    "hmac_kid", "ca_file", "fetch_timeout_s", "min_refresh_s", "max_refresh_s",
+    "refetch_interval_s",
+)  # fmt: skip
+_POLICY_KEYS = ("name", "routes", "rules", "mode", "environments", "allow_anonymous")
+_RULE_KEYS = ("effect", "kinds", "issuers", "subjects", "claims", "key_attributes", "cert_sans")
+_CLAIM_OPS = ("equals", "one_of", "contains", "all_of", "present")
 _LISTENER_KEYS = (
     "name",
     "address",
@@ -299,6 +317,11 @@ class _Builder:
         self.listeners: list[_Named] = []
         self.backends: list[_Named] = []
         self.routes: list[_Named] = []
+        self.identity: dict[str, Any] = {}
+        self.issuers: list[tuple[str, str, Any]] = []  # (file, key path, Issuer)
+        self.api_keys: list[Any] = []
+        self.api_key_header = "X-Api-Key"
+        self.policies: list[tuple[str, str, PolicyConfig]] = []
         # (file, key path, map) of path_map routes: the backends they name must exist.
         self.map_backends: list[tuple[str, str, Any]] = []
         self._seen_files: set[str] = set()  # realpaths of files read
@@ -407,6 +430,23 @@ class _Builder:
         for i, item in enumerate(routes):
             if item is not None:
                 self._route(file, base_dir, f"routes[{i}]", item)
+        if root and "identity" in data:
+            ident = _table(self, file, "identity", data["identity"])
+            if ident is not None:
+                self._identity(file, ident)
+        issuers = _table(self, file, "issuers", data.get("issuers", {}))
+        for name, item in (issuers or {}).items():
+            table = _table(self, file, f"issuers.{_key(name)}", item)
+            if table is not None:
+                self._issuer(file, base_dir, name, table)
+        if "api_keys" in data:
+            keys = _table(self, file, "api_keys", data["api_keys"])
+            if keys is not None:
+                self._api_keys(file, keys)
+        policies = _array_of_tables(self, file, "policies", data.get("policies", []))
+        for i, item in enumerate(policies):
+            if item is not None:
+                self._policy(file, f"policies[{i}]", item)
 
     def _includes(self, file: str, base_dir: str, value: Any) -> None:
         if not isinstance(value, list):
@@ -464,6 +504,243 @@ class _Builder:
         drain = r.get_number("drain_timeout_s", _DRAIN_RULE)
         if drain is not None:
             self.gateway["drain_timeout_s"] = drain
+        env = r.get_str("environment")
+        if env is not None:
+            if _NAME_RE.match(env):
+                self.gateway["environment"] = env
+            else:
+                r.bad("environment", _bad_name(env))
+
+    # -- security: identity, issuers, API keys, policies --
+
+    def _identity(self, file: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, "identity", t, _IDENTITY_KEYS, "")
+        kw: dict[str, Any] = {}
+        realm = r.get_str("realm")
+        if realm is not None:
+            if re.fullmatch(r"[\x21\x23-\x5b\x5d-\x7e ]{1,64}", realm):
+                kw["realm"] = realm
+            else:
+                r.bad("realm", "must be 1-64 visible ASCII characters without quotes or \\")
+        prefix = r.get_str("header_prefix")
+        if prefix is not None:
+            if _TOKEN_RE.match(prefix) and len(prefix) >= 3:
+                kw["header_prefix"] = prefix
+            else:
+                r.bad("header_prefix", "must be a header name prefix such as X-Fastgw-")
+        auth = r.get_choice("authorization", ("pass", "remove", "move"))
+        if auth is not None:
+            kw["authorization"] = auth
+        claims = _str_list(
+            r,
+            "claim_headers",
+            lambda c: None if _TOKEN_RE.match(c) else f"{_q(c)} is not usable in a header name",
+        )
+        if claims:
+            kw["claim_headers"] = tuple(claims)
+        size = r.get_number("token_cache_size", ("int", 0, True))
+        if size is not None:
+            kw["token_cache_size"] = size
+        self.identity.update(kw)
+
+    def _issuer(self, file: str, base_dir: str, name: str, t: dict[str, Any]) -> None:
+        from fastgw.identity import IdentityConfigError, Issuer, KeyFile
+
+        path = f"issuers.{_key(name)}"
+        r = _Reader(self, file, path, t, _ISSUER_KEYS, base_dir)
+        if not _NAME_RE.match(name):
+            self.problem(file, path, _bad_name(name))
+            return
+        kw: dict[str, Any] = {"name": name}
+        for key in ("issuer", "discovery_url", "jwks_url", "hmac_kid"):
+            v = r.get_str(key)
+            if v is not None:
+                kw[key] = v
+        for key in ("audiences", "algorithms", "required_claims"):
+            if key in t:
+                kw[key] = tuple(_str_list(r, key, lambda _v: None))
+        for key in (
+            "leeway_s",
+            "fetch_timeout_s",
+            "min_refresh_s",
+            "max_refresh_s",
+            "refetch_interval_s",
+        ):
+            v = r.get_number(key, ("float", 0, key == "leeway_s"))
+            if v is not None:
+                kw[key] = v
+        v = r.get_number("max_token_bytes", ("int", 0, False))
+        if v is not None:
+            kw["max_token_bytes"] = v
+        ca = r.get_file("ca_file")
+        if ca is not None:
+            kw["ca_file"] = ca
+        files = r._get("key_files", False)
+        if files is not None:
+            kf = []
+            items = files if isinstance(files, list) else [files]
+            for i, item in enumerate(items):
+                p, kid = (
+                    (item, None)
+                    if isinstance(item, str)
+                    else (
+                        (item.get("path"), item.get("kid"))
+                        if isinstance(item, dict)
+                        else (None, None)
+                    )
+                )
+                if not isinstance(p, str) or (kid is not None and not isinstance(kid, str)):
+                    r.bad_path(
+                        f"key_files[{i}]", 'expected a file name or { path = "...", kid = "..." }'
+                    )
+                    continue
+                full = os.path.join(base_dir, p)
+                if not os.path.isfile(full):
+                    r.bad_path(f"key_files[{i}]", f"file not found: {full}")
+                    continue
+                kf.append(KeyFile(os.path.abspath(full), kid))
+            kw["key_files"] = tuple(kf)
+        secret_file = r.get_file("hmac_secret_file")
+        secret_env = r.get_str("hmac_secret_env")
+        if secret_file is not None:
+            with open(secret_file, "rb") as f:
+                kw["hmac_secret"] = f.read().strip()
+        elif secret_env is not None:
+            value = os.environ.get(secret_env)
+            if value is None:
+                r.bad("hmac_secret_env", f"environment variable {secret_env} is not set")
+            else:
+                kw["hmac_secret"] = value.encode()
+        if not r.ok:
+            return
+        try:
+            issuer = Issuer(**kw)
+        except IdentityConfigError as e:
+            for field_name, message in e.problems:
+                self.problem(file, f"{path}.{field_name}" if field_name else path, message)
+            return
+        except TypeError as e:  # a missing required field
+            self.problem(file, path, str(e))
+            return
+        if not issuer.fetches_keys and issuer.key_files:
+            from fastgw.identity import load_static_keys
+
+            try:
+                load_static_keys(issuer)
+            except IdentityConfigError as e:
+                for field_name, message in e.problems:
+                    self.problem(file, f"{path}.{field_name}" if field_name else path, message)
+                return
+        self.issuers.append((file, path, issuer))
+
+    def _api_keys(self, file: str, t: dict[str, Any]) -> None:
+        from fastgw.identity import ApiKey, IdentityConfigError
+
+        r = _Reader(self, file, "api_keys", t, ("header", "keys"), "")
+        header = r.get_str("header")
+        if header is not None:
+            if _TOKEN_RE.match(header):
+                self.api_key_header = header
+            else:
+                r.bad("header", f"{_q(header)} is not a header field name")
+        for i, item in enumerate(_array_of_tables(self, file, "api_keys.keys", t.get("keys", []))):
+            if item is None:
+                continue
+            kr = _Reader(
+                self, file, f"api_keys.keys[{i}]", item, ("name", "sha256", "attributes"), ""
+            )
+            name = kr.get_name()
+            digest = kr.get_str("sha256", required=True)
+            attrs = kr._get("attributes", False) or {}
+            if not isinstance(attrs, dict) or not all(isinstance(v, str) for v in attrs.values()):
+                kr.bad("attributes", "expected a table of name = string")
+                continue
+            if name is None or digest is None or not kr.ok:
+                continue
+            try:
+                self.api_keys.append(ApiKey(name, digest, dict(attrs)))
+            except (IdentityConfigError, ValueError) as e:
+                problems = getattr(e, "problems", [("sha256", str(e))])
+                for field_name, message in problems:
+                    kr.bad(field_name or "sha256", message)
+
+    def _policy(self, file: str, path: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _POLICY_KEYS, "")
+        name = r.get_name()
+        routes = _str_list(r, "routes", lambda _v: None)
+        if "routes" not in t:
+            r.bad("routes", "missing (required): the routes this policy guards")
+        mode = r.get_choice("mode", ("enforce", "shadow")) or "enforce"
+        envs = _str_list(r, "environments", lambda v: None if _NAME_RE.match(v) else _bad_name(v))
+        anon = r.get_bool("allow_anonymous")
+        rules = []
+        for i, item in enumerate(_array_of_tables(self, file, f"{path}.rules", t.get("rules", []))):
+            if item is not None:
+                rule = self._rule(file, f"{path}.rules[{i}]", item)
+                if rule is not None:
+                    rules.append(rule)
+        if not t.get("rules"):
+            r.bad("rules", "missing (required): at least one [[policies.rules]]")
+        if r.ok and name is not None:
+            self.policies.append(
+                (
+                    file,
+                    path,
+                    PolicyConfig(name, tuple(routes), tuple(rules), mode, tuple(envs), bool(anon)),
+                )
+            )
+
+    def _rule(self, file: str, path: str, t: dict[str, Any]) -> PolicyRule | None:
+        r = _Reader(self, file, path, t, _RULE_KEYS, "")
+        effect = r.get_choice("effect", ("allow", "deny"))
+        if effect is None and "effect" not in t:
+            r.bad("effect", 'missing (required): "allow" or "deny"')
+        kinds = _str_list(
+            r,
+            "kinds",
+            lambda v: (
+                None
+                if v in ("jwt", "apikey", "mtls", "anonymous")
+                else f"{_q(v)} is not one of jwt, apikey, mtls, anonymous"
+            ),
+        )
+        issuers = _str_list(r, "issuers", lambda _v: None)
+        subjects = _str_list(r, "subjects", lambda _v: None)
+        sans = _str_list(r, "cert_sans", lambda _v: None)
+        claims: list[ClaimCondition] = []
+        raw = r._get("claims", False) or {}
+        if not isinstance(raw, dict):
+            r.bad("claims", "expected a table of claim = { op = value }")
+            raw = {}
+        for claim, cond in raw.items():
+            where = f"claims.{_key(claim)}"
+            if cond is True:
+                claims.append(ClaimCondition(claim, "present"))
+                continue
+            if not isinstance(cond, dict) or len(cond) != 1:
+                r.bad_path(
+                    where, f"expected {{ op = value }} with op one of {', '.join(_CLAIM_OPS)}"
+                )
+                continue
+            ((op, value),) = cond.items()
+            if op not in _CLAIM_OPS:
+                r.bad_path(where, _unknown_key(op, _CLAIM_OPS))
+            elif op in ("one_of", "all_of") and not isinstance(value, list):
+                r.bad_path(f"{where}.{op}", "expected an array")
+            else:
+                claims.append(
+                    ClaimCondition(claim, op, tuple(value) if isinstance(value, list) else value)
+                )
+        attrs = r._get("key_attributes", False) or {}
+        if not isinstance(attrs, dict) or not all(isinstance(v, str) for v in attrs.values()):
+            r.bad("key_attributes", "expected a table of name = string")
+            attrs = {}
+        if not r.ok or effect is None:
+            return None
+        return PolicyRule(
+            effect, tuple(kinds), tuple(issuers), tuple(subjects), tuple(claims),
+            tuple(attrs.items()), tuple(sans),
+        )  # fmt: skip
 
     def _admin(self, file: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, "admin", t, _ADMIN_KEYS, "")
@@ -873,8 +1150,49 @@ class _Builder:
             self.problem(
                 self.root, "listeners", "no listeners: add at least one [[listeners]] table"
             )
+        route_names = {i.name for i in self.routes if i.name}
+        issuer_names = {iss.name for _, _, iss in self.issuers}
+        seen_iss: dict[str, str] = {}
+        for file, path, iss in self.issuers:
+            if iss.issuer in seen_iss:
+                self.problem(file, f"{path}.issuer", f"same issuer as {seen_iss[iss.issuer]}")
+            seen_iss[iss.issuer] = path
+        seen_pol: set[str] = set()
+        for file, path, pol in self.policies:
+            if pol.name in seen_pol:
+                self.problem(file, f"{path}.name", f"duplicate policy name {_q(pol.name)}")
+            seen_pol.add(pol.name)
+            for i, rname in enumerate(pol.routes):
+                if rname not in route_names and not self.unread:
+                    self.problem(
+                        file,
+                        f"{path}.routes[{i}]",
+                        _unknown_name("route", rname, sorted(n for n in route_names if n)),
+                    )
+            for j, rule in enumerate(pol.rules):
+                for k, iname in enumerate(rule.issuers):
+                    if iname not in issuer_names and not self.unread:
+                        self.problem(
+                            file,
+                            f"{path}.rules[{j}].issuers[{k}]",
+                            _unknown_name("issuer", iname, sorted(issuer_names)),
+                        )
+        api_keys = None
+        if self.api_keys:
+            from fastgw.identity import ApiKeys
+
+            try:
+                api_keys = ApiKeys(self.api_keys, header=self.api_key_header)
+            except Exception as e:  # duplicate names or hashes
+                self.problem(self.root or source, "api_keys", str(e))
         if self.problems:
             raise ConfigError(self.problems)
+        self.gateway["identity"] = IdentityConfig(
+            **self.identity,
+            issuers=tuple(iss for _, _, iss in self.issuers),
+            api_keys=api_keys,
+        )
+        self.gateway["policies"] = tuple(p for _, _, p in self.policies)
         return GatewayConfig(
             listeners=tuple(i.obj for i in self.listeners),
             backends={i.obj.name: i.obj for i in self.backends},

@@ -158,6 +158,62 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimCondition:
+    """``claim`` (a dotted path into the token's claims) ``op`` ``value``: ``equals``
+    (the claim equals value), ``one_of`` (the claim is one of the values), ``contains``
+    (a list claim, or a space-separated string such as ``scope``, contains value),
+    ``all_of`` (it contains every one of the values), ``present``."""
+
+    claim: str
+    op: str
+    value: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRule:
+    """One rule: every condition given must hold for the rule to match."""
+
+    effect: str  # "allow" | "deny"
+    kinds: tuple[str, ...] = ()  # identity kinds: jwt, apikey, mtls, anonymous; () = any
+    issuers: tuple[str, ...] = ()  # issuer names (config), for jwt identities
+    subjects: tuple[str, ...] = ()
+    claims: tuple[ClaimCondition, ...] = ()
+    key_attributes: tuple[tuple[str, str], ...] = ()  # API-key attributes that must equal
+    cert_sans: tuple[str, ...] = ()  # mTLS: any of these DNS/URI/email names
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Who may call the routes named. Rules are tried in order; the first that matches
+    decides (allow or deny); when none matches the request is denied. ``shadow``: the
+    decision is logged and counted but not enforced. ``environments``: the policy only
+    applies when the gateway runs in one of them."""
+
+    name: str
+    routes: tuple[str, ...]
+    rules: tuple[PolicyRule, ...]
+    mode: str = "enforce"  # "enforce" | "shadow"
+    environments: tuple[str, ...] = ()
+    allow_anonymous: bool = False  # no credential at all is let through to the rules
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    realm: str = "fastgw"
+    # Every client field starting with this is removed before any route's own header
+    # actions: the identity namespace belongs to the gateway.
+    header_prefix: str = "X-Fastgw-"
+    # The client's Authorization header upstream: "pass", "remove", or "move" (to
+    # X-Forwarded-Authorization, so the gateway can send its own credential).
+    authorization: str = "pass"
+    # Claims sent as X-Fastgw-Claim-<name> headers (strings and numbers only).
+    claim_headers: tuple[str, ...] = ()
+    token_cache_size: int = 10000
+    issuers: tuple[Any, ...] = ()  # fastgw.identity.Issuer
+    api_keys: Any = None  # fastgw.identity.ApiKeys
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     backends: dict[str, BackendConfig] = field(default_factory=dict)
@@ -172,4 +228,8 @@ class GatewayConfig:
     drain_timeout_s: float = 10.0
     admin: AdminConfig | None = None
     audit: AuditConfig = field(default_factory=AuditConfig)
+    identity: IdentityConfig = field(default_factory=IdentityConfig)
+    policies: tuple[PolicyConfig, ...] = ()
+    # Which environment's policies apply ("dev", "prod", ...); FASTGW_ENV overrides it.
+    environment: str = "default"
     source: str = "<objects>"  # the file it was loaded from, for messages
