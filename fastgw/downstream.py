@@ -320,13 +320,24 @@ class Downstream:
         self.identity = None
         method = head.method
         id_extra = None
-        if route.auth is not None or state.verifier is not None:
+        if route.auth is not None or state.has_identity:
             id_extra = await self._authorize(state, head, route, rid)
             if id_extra is False:
                 # Answered (401/403/503); the body, if any, was not read.
                 return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         elif state.config.identity.authorization == "move":
             id_extra = _moved_authorization(head)
+        if route.limits:
+            over = self._over_limit(route, head)
+            if over is not None:
+                lim, wait_s = over
+                gw.count_error("rate_limited")
+                self.decision_reason = f"rate limit {lim.name}"
+                await self.send_error(
+                    429, "rate_limited", f"over the rate limit {lim.name}", rid,
+                    close=kind != BODY_NONE, extra=lim.answer_fields(wait_s), decision="limit",
+                )  # fmt: skip
+                return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         max_body = route.max_body_bytes
         if kind:
             if kind == BODY_LENGTH and max_body and head.content_length > max_body:
@@ -729,6 +740,28 @@ class Downstream:
                 "upstream connection failed while sending the request body",
                 sent=True,
             ) from None
+
+    def _over_limit(self, route: Route, head):  # type: ignore[no-untyped-def]
+        """(limit, seconds to wait) for the first enforced limit this request is over,
+        None when it may pass. Takes a token from every limit that allows it."""
+        gw = self.gw
+        table = gw.buckets
+        if table is None:
+            return None
+        now = trio.current_time()
+        counts = gw.limit_counts
+        for lim in route.limits:
+            wait = table.take(
+                lim.key(self.identity, self.peer_ip, head), 1, now, lim.rate, lim.burst
+            )
+            if wait > 0.0:
+                if lim.shadow:
+                    counts[(lim.name, "shadow_limited")] += 1
+                    continue
+                counts[(lim.name, "limited")] += 1
+                return lim, wait
+            counts[(lim.name, "allowed")] += 1
+        return None
 
     def _who(self) -> tuple[str | None, str | None, str | None]:
         """(subject, issuer, key) for the audit log."""

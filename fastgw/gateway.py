@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 import trio
 
+from fastgw._core.bucket import BucketTable
 from fastgw.admin import AdminServer
 from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
@@ -55,6 +56,7 @@ class GatewayState:
         "backends",
         "config",
         "environment",
+        "has_identity",
         "iss_names",
         "limits",
         "router",
@@ -72,6 +74,10 @@ class GatewayState:
         ident = config.identity
         # Token issuers by ``iss`` value -> their config name (what policies refer to).
         self.iss_names = {i.issuer: i.name for i in ident.issuers}
+        # With any identity source configured, presented credentials are checked on
+        # every route (an invalid one is refused even where none is required), and the
+        # identity feeds rate-limit keys and identity headers.
+        self.has_identity = bool(ident.issuers) or ident.api_keys is not None
         # The verifier (and its key fetchers and token cache) survives a reload that
         # keeps the same issuers; the gateway starts a new one's fetchers otherwise.
         self.verifier: Verifier | None = None
@@ -150,6 +156,9 @@ class Gateway:
         self.policy_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         # Identity headers rendered once per identity (a cached token's is reused).
         self.identity_headers: dict[object, bytes] = {}
+        # Rate-limit buckets: the gateway's, not a config's, so a reload keeps them.
+        self.buckets = BucketTable(config.max_limit_keys) if config.rate_limits else None
+        self.limit_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._admin: AdminServer | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
@@ -232,8 +241,6 @@ class Gateway:
                 self._start_verifier(self.state)
                 admin_cfg = self.state.config.admin
                 if admin_cfg is not None:
-                    from fastgw.admin import AdminServer
-
                     self._admin = AdminServer(self, admin_cfg.host, admin_cfg.port)
                     self._admin.start()
                     self.admin_address = self._admin.address
@@ -268,6 +275,8 @@ class Gateway:
                 if key not in self._listeners:
                     lst.close()
             raise
+        if self.buckets is None and config.rate_limits:
+            self.buckets = BucketTable(config.max_limit_keys)
         old_state, old_listeners = self.state, self._listeners
         self.state = state
         self._listeners = fresh

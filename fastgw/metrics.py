@@ -141,6 +141,17 @@ class GatewayCollector(Collector):
         for (name, decision), n in sorted(list(gw.policy_counts.items())):
             pol.add_metric([name, decision], n)
         yield pol
+        lim = CounterMetricFamily(
+            "fastgw_rate_limit_decisions",
+            "Rate-limit decisions: allowed, limited, shadow_limited",
+            labels=["limit", "decision"],
+        )
+        for (name, decision), n in sorted(list(gw.limit_counts.items())):
+            lim.add_metric([name, decision], n)
+        yield lim
+        if gw.buckets is not None:
+            bs = gw.buckets.statistics()
+            yield GaugeMetricFamily("fastgw_rate_limit_keys", "Buckets held", value=bs["keys"])
         v = state.verifier
         if v is not None:
             vs = v.statistics()

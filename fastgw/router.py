@@ -25,6 +25,7 @@ from fastgw._core.http import RequestHead, StripSet
 from fastgw._core.metrics import Histogram
 from fastgw.config.model import GatewayConfig, RouteConfig
 from fastgw.policy import RouteAuth
+from fastgw.policy.limits import route_limits
 from fastgw.upstream.backend import Backend
 
 # Fields a client may never set towards a function: Expect is answered by the gateway
@@ -55,6 +56,7 @@ class Route:
         "host_suffixes",
         "hosts",
         "json_name",
+        "limits",
         "max_body_bytes",
         "methods",
         "name",
@@ -85,6 +87,7 @@ class Route:
     ) -> None:
         self.config = config
         self.auth = auth
+        self.limits = route_limits(gw_config.rate_limits, config.name)
         self.name = config.name
         self.backend = backend
         # Counters outlive a reload when the route keeps its name (metrics stay monotonic).

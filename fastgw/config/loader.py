@@ -55,6 +55,7 @@ from fastgw.config.model import (
     ListenerConfig,
     PolicyConfig,
     PolicyRule,
+    RateLimitConfig,
     RouteConfig,
 )
 from fastgw.errors import ConfigError
@@ -67,12 +68,19 @@ Problem = tuple[str, str, str]
 
 _ROOT_KEYS = (
     "include", "gateway", "limits", "admin", "audit", "identity", "listeners", "backends",
-    "routes", "issuers", "api_keys", "policies",
+    "routes", "issuers", "api_keys", "policies", "rate_limits",
 )  # fmt: skip
 _ADMIN_KEYS = ("address",)
 _AUDIT_KEYS = ("enabled", "path", "sample_success")
 # Included files: routing files and security files (issuers, API keys, policies).
-_INCLUDED_KEYS = ("include", "listeners", "backends", "routes", "issuers", "api_keys", "policies")
+_INCLUDED_KEYS = (
+    "include", "listeners", "backends", "routes", "issuers", "api_keys", "policies",
+    "rate_limits",
+)  # fmt: skip
+_LIMIT_KEYS = ("name", "rate_per_s", "burst", "key", "routes", "mode")
+_LIMIT_KEY_RE = re.compile(
+    r"(identity|ip|route|header:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|claim:[A-Za-z0-9_.:-]+)\Z"
+)
 _GATEWAY_KEYS = ("via", "xff_append", "drain_timeout_s", "environment")
 _IDENTITY_KEYS = ("realm", "header_prefix", "authorization", "claim_headers", "token_cache_size")
 _ISSUER_KEYS = (
@@ -322,6 +330,7 @@ class _Builder:
         self.api_keys: list[Any] = []
         self.api_key_header = "X-Api-Key"
         self.policies: list[tuple[str, str, PolicyConfig]] = []
+        self.rate_limits: list[tuple[str, str, RateLimitConfig]] = []
         # (file, key path, map) of path_map routes: the backends they name must exist.
         self.map_backends: list[tuple[str, str, Any]] = []
         self._seen_files: set[str] = set()  # realpaths of files read
@@ -443,6 +452,10 @@ class _Builder:
             keys = _table(self, file, "api_keys", data["api_keys"])
             if keys is not None:
                 self._api_keys(file, keys)
+        limits_ = _array_of_tables(self, file, "rate_limits", data.get("rate_limits", []))
+        for i, item in enumerate(limits_):
+            if item is not None:
+                self._rate_limit(file, f"rate_limits[{i}]", item)
         policies = _array_of_tables(self, file, "policies", data.get("policies", []))
         for i, item in enumerate(policies):
             if item is not None:
@@ -663,6 +676,31 @@ class _Builder:
                 problems = getattr(e, "problems", [("sha256", str(e))])
                 for field_name, message in problems:
                     kr.bad(field_name or "sha256", message)
+
+    def _rate_limit(self, file: str, path: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _LIMIT_KEYS, "")
+        name = r.get_name()
+        rate = r.get_number("rate_per_s", ("float", 0, False))
+        burst = r.get_number("burst", ("float", 0, False))
+        if "rate_per_s" not in t:
+            r.bad("rate_per_s", "missing (required)")
+        if "burst" not in t:
+            r.bad("burst", "missing (required)")
+        key = r.get_str("key") or "identity"
+        if not _LIMIT_KEY_RE.match(key):
+            r.bad(
+                "key", f"must be identity, ip, route, header:<name> or claim:<name>, got {_q(key)}"
+            )
+        routes = _str_list(r, "routes", lambda _v: None)
+        mode = r.get_choice("mode", ("enforce", "shadow")) or "enforce"
+        if r.ok and name is not None and rate is not None and burst is not None:
+            self.rate_limits.append(
+                (
+                    file,
+                    path,
+                    RateLimitConfig(name, float(rate), float(burst), key, tuple(routes), mode),
+                )
+            )
 
     def _policy(self, file: str, path: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, path, t, _POLICY_KEYS, "")
@@ -1157,6 +1195,18 @@ class _Builder:
             if iss.issuer in seen_iss:
                 self.problem(file, f"{path}.issuer", f"same issuer as {seen_iss[iss.issuer]}")
             seen_iss[iss.issuer] = path
+        seen_lim: set[str] = set()
+        for file, path, lim in self.rate_limits:
+            if lim.name in seen_lim:
+                self.problem(file, f"{path}.name", f"duplicate rate limit name {_q(lim.name)}")
+            seen_lim.add(lim.name)
+            for i, rname in enumerate(lim.routes):
+                if rname not in route_names and not self.unread:
+                    self.problem(
+                        file,
+                        f"{path}.routes[{i}]",
+                        _unknown_name("route", rname, sorted(n for n in route_names if n)),
+                    )
         seen_pol: set[str] = set()
         for file, path, pol in self.policies:
             if pol.name in seen_pol:
@@ -1193,6 +1243,7 @@ class _Builder:
             api_keys=api_keys,
         )
         self.gateway["policies"] = tuple(p for _, _, p in self.policies)
+        self.gateway["rate_limits"] = tuple(x for _, _, x in self.rate_limits)
         return GatewayConfig(
             listeners=tuple(i.obj for i in self.listeners),
             backends={i.obj.name: i.obj for i in self.backends},

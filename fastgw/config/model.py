@@ -214,6 +214,22 @@ class IdentityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """A token bucket per key on the routes named (all routes when none are): ``key``
+    is ``identity`` (the verified caller), ``ip`` (the client address), ``route``,
+    ``header:<name>`` or ``claim:<name>`` (a claim of the caller's token or an API
+    key's attribute). Over the limit: 429 with Retry-After and RateLimit headers, or in
+    ``shadow`` mode only counted."""
+
+    name: str
+    rate_per_s: float
+    burst: float
+    key: str = "identity"
+    routes: tuple[str, ...] = ()
+    mode: str = "enforce"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     backends: dict[str, BackendConfig] = field(default_factory=dict)
@@ -230,6 +246,10 @@ class GatewayConfig:
     audit: AuditConfig = field(default_factory=AuditConfig)
     identity: IdentityConfig = field(default_factory=IdentityConfig)
     policies: tuple[PolicyConfig, ...] = ()
+    rate_limits: tuple[RateLimitConfig, ...] = ()
+    # Buckets kept in memory (one per key per limit); idle full buckets are evicted
+    # first, which loses nothing. 1M keys take about 80 MB.
+    max_limit_keys: int = 1_000_000
     # Which environment's policies apply ("dev", "prod", ...); FASTGW_ENV overrides it.
     environment: str = "default"
     source: str = "<objects>"  # the file it was loaded from, for messages
