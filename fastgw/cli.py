@@ -43,6 +43,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "check":
             return _check(args.config)
+        if args.command == "explain":
+            from fastgw.policy.explain import explain
+
+            allowed, lines = explain(_load(args.config), args.method, args.url, args.header)
+            print("\n".join(lines))
+            return EXIT_OK if allowed else 1
+        if args.command == "who-can":
+            from fastgw.policy.explain import who_can
+
+            print("\n".join(who_can(_load(args.config), args.method, args.url)))
+            return EXIT_OK
         return _serve(args)
     except _Exit as e:
         return e.status
@@ -84,6 +95,20 @@ def _make_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with --demo: the gateway's port on 127.0.0.1 (default 8080)",
     )
+    explain = commands.add_parser(
+        "explain", help="what happens to a request and why (offline, from the config)"
+    )
+    explain.add_argument("-c", "--config", required=True, metavar="FILE", help="gateway TOML file")
+    explain.add_argument("method", help="e.g. GET")
+    explain.add_argument("url", help="e.g. https://api.example.com/orders/1 or /orders/1")
+    explain.add_argument(
+        "-H", "--header", action="append", default=[], metavar="'Name: value'",
+        help="a request header (repeatable)",
+    )  # fmt: skip
+    who = commands.add_parser("who-can", help="who may call a route (offline, from the config)")
+    who.add_argument("-c", "--config", required=True, metavar="FILE", help="gateway TOML file")
+    who.add_argument("method")
+    who.add_argument("url")
     serve.add_argument(
         "--workers",
         type=_workers,

@@ -100,6 +100,10 @@ class ApiKeys:
         self.header = header
         self.header_name = header.lower().encode()
 
+    def identities(self) -> list[Identity]:
+        """One identity per configured key (for ``fastgw who-can``)."""
+        return [ident for _, ident in self._by_digest.values()]
+
     def __len__(self) -> int:
         return len(self._by_digest)
 
