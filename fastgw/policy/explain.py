@@ -76,9 +76,8 @@ def explain(
         return False, [f"request: rejected by the parser with {e.status}: {e.detail}"]
     assert head is not None
     state = GatewayState(config)
-    out.append(
-        f"request: {method} {head.target.decode()} (host {head.host.decode() if head.host else '-'})"
-    )
+    host = head.host.decode() if head.host else "-"
+    out.append(f"request: {method} {head.target.decode()} (host {host})")
     out.append(f"environment: {state.environment}")
     matched = state.router.match(head)
     if matched is None:
