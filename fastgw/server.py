@@ -82,6 +82,8 @@ async def serve_until_signalled(
             addrs = await nursery.start(gw.serve)
             if ready is not None:
                 ready(addrs)
+            if os.environ.get(WORKER_ENV):
+                nursery.start_soon(_exit_with_supervisor, os.getppid())
             async for sig in signals:
                 if sig == signal.SIGHUP:
                     if config_path is None:
@@ -101,6 +103,15 @@ async def serve_until_signalled(
             clean = await gw.drain()
             nursery.cancel_scope.cancel()
     return 0 if clean else 1
+
+
+async def _exit_with_supervisor(ppid: int) -> None:
+    """A worker whose supervisor died (SIGKILL, a crash) is re-parented; it drains and
+    exits rather than serve on, unsupervised, forever. Checked twice a second."""
+    while os.getppid() == ppid:
+        await trio.sleep(0.5)
+    print("fastgw: supervisor gone; draining", file=sys.stderr, flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _print_ready(config: GatewayConfig, gw: Gateway) -> Ready:

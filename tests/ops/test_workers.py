@@ -106,3 +106,32 @@ async def test_two_workers_share_load_and_survive_a_kill(
         assert len(children(p.proc.pid) - before) == 1
         p.proc.send_signal(signal.SIGTERM)
         assert await p.proc.wait() == 0
+
+
+async def test_workers_exit_when_the_supervisor_is_killed(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    up = Upstream()
+    uport = await nursery.start(up.serve)
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        '[[listeners]]\nname = "main"\naddress = "127.0.0.1:0"\n'
+        f'[backends.fn]\nendpoints = ["http://127.0.0.1:{uport}"]\n'
+        '[[routes]]\nname = "all"\npath_prefix = "/"\nbackend = "fn"\n'
+    )
+    p = await FastgwProcess.start(nursery, ["serve", "-c", str(conf), "--workers", "2"])
+    with trio.fail_after(30):
+        await p.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")
+        workers = children(p.proc.pid)
+        assert len(workers) == 2
+        os.kill(p.proc.pid, signal.SIGKILL)
+        # Another process's exit has no event to wait on here: poll /proc.
+        while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+            await trio.sleep(0.05)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
