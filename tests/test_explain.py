@@ -105,3 +105,25 @@ def test_who_can(conf: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert "API keys: billing-batch" in out
     assert main(["who-can", "-c", conf, "GET", "/open/1"]) == 0
     assert "anyone" in capsys.readouterr().out
+
+
+def test_policies_scoped_by_environment(
+    conf: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same config serves dev and prod with different rules, selected at start."""
+    path = Path(conf)
+    text = path.read_text().replace(
+        "[[listeners]]", '[gateway]\nenvironment = "dev"\n[[listeners]]'
+    )
+    path.write_text(text)
+    sec = path.parent / "security.toml"
+    sec.write_text(
+        sec.read_text()
+        + '[[policies]]\nname = "prod-only"\nroutes = ["open"]\nenvironments = ["prod"]\n'
+        '[[policies.rules]]\neffect = "deny"\n'
+    )
+    assert main(["explain", "-c", conf, "GET", "/open/x"]) == 0  # dev: no policy
+    assert "environment: dev" in capsys.readouterr().out
+    monkeypatch.setenv("FASTGW_ENV", "prod")
+    assert main(["explain", "-c", conf, "GET", "/open/x"]) == 1  # prod: credentials needed
+    assert "environment: prod" in capsys.readouterr().out
