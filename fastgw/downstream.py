@@ -42,21 +42,12 @@ from fastgw._core.http import (
     parse_response_head,
 )
 from fastgw.errors import ProtocolError
-from fastgw.identity import (
-    ANONYMOUS,
-    AuthError,
-    Identity,
-    IssuerUnavailable,
-    UnknownKey,
-    answer_for,
-    bearer_token,
-    identity_from_peer_cert,
-)
 from fastgw.transport import PlainTransport
 from fastgw.upstream.pool import Pool, UpstreamConn, UpstreamConnectError
 
 if TYPE_CHECKING:
     from fastgw.gateway import Gateway
+    from fastgw.identity import Identity
     from fastgw.router import Route
 
 _clock = time.perf_counter
@@ -774,6 +765,8 @@ class Downstream:
         """Establish who calls and decide whether they may. Returns the identity field
         lines for the upstream head (b"" when there are none), or False after answering
         401/400 (credentials), 403 (a policy) or 503 (the token's issuer has no keys)."""
+        from fastgw.identity import ANONYMOUS, AuthError, IssuerUnavailable, answer_for
+
         gw = self.gw
         auth = route.auth
         ident_cfg = state.config.identity
@@ -828,6 +821,8 @@ class Downstream:
         """The caller's identity from, in order: a bearer token, an API key, the verified
         client certificate; None when there is no credential at all. Raises AuthError
         (invalid credentials) or IssuerUnavailable."""
+        from fastgw.identity import AuthError, UnknownKey, bearer_token, identity_from_peer_cert
+
         token = bearer_token(head.get(b"authorization"))
         if token is not None:
             verifier = state.verifier

@@ -25,20 +25,25 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from fastgw._core.bucket import BucketTable
-from fastgw.admin import AdminServer
 from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
 from fastgw.downstream import Downstream
 from fastgw.errors import ProtocolError
-from fastgw.identity import Verifier
 from fastgw.policy import route_auth
 from fastgw.router import Route, Router
 from fastgw.transport import PlainTransport, TLSTransport
 from fastgw.upstream.backend import Backend
+
+if TYPE_CHECKING:
+    # Imported where used: a gateway without an admin listener or token issuers does
+    # not load prometheus-client, cryptography and PyJWT (about 12 MiB of RSS).
+    from fastgw.admin import AdminServer
+    from fastgw.identity import Verifier
 
 log = logging.getLogger("fastgw")
 
@@ -85,6 +90,8 @@ class GatewayState:
             if previous is not None and previous.config.identity.issuers == ident.issuers:
                 self.verifier = previous.verifier
             else:
+                from fastgw.identity import Verifier
+
                 self.verifier = Verifier(list(ident.issuers), cache_size=ident.token_cache_size)
         self.via = config.via.encode() if config.via else None
         self.xff_append = config.xff_append
@@ -241,6 +248,8 @@ class Gateway:
                 self._start_verifier(self.state)
                 admin_cfg = self.state.config.admin
                 if admin_cfg is not None:
+                    from fastgw.admin import AdminServer
+
                     self._admin = AdminServer(self, admin_cfg.host, admin_cfg.port)
                     self._admin.start()
                     self.admin_address = self._admin.address

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastgw.config.model import ClaimCondition, PolicyConfig, PolicyRule
-from fastgw.identity import Identity
+
+if TYPE_CHECKING:
+    from fastgw.identity import Identity
 
 
 def claim_value(claims: Mapping[str, Any], path: str) -> Any:

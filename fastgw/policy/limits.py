@@ -13,10 +13,12 @@ without refilling it (the core converts its state).
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastgw.config.model import RateLimitConfig
-from fastgw.identity import Identity
+
+if TYPE_CHECKING:
+    from fastgw.identity import Identity
 
 
 class RouteLimit:
