@@ -605,11 +605,18 @@ class Downstream:
         dur = _clock() - self.t0
         route.duration.observe(dur)
         audit = gw.audit
-        if audit is not None and (status >= 400 or audit.wants_success()):
-            audit.record(
+        if audit is not None and (status >= 400 or audit.sample >= 1.0 or audit.wants_success()):
+            # Appended as a plain tuple (fields in fastgw.audit.FIELDS order): formatting
+            # happens in the core, in the audit task, off this request.
+            ident = self.identity
+            audit.pending.append(
                 (
-                    _wall(), rid, self.peer_ip, route.name, backend.name, pool.endpoint.url,
-                    status, "allow", self.decision_reason, *self._who(), dur, fb_s,
+                    self.t0, rid, self.peer_ip, route.name, backend.name, pool.endpoint.url,
+                    status, "allow", self.decision_reason,
+                    None if ident is None else ident.subject or None,
+                    None if ident is None else ident.issuer,
+                    None if ident is None else ident.key,
+                    dur, fb_s,
                     head.content_length if kind == BODY_LENGTH
                     else (reader.body_bytes if reader is not None else 0),
                     rh.content_length if ukind == BODY_LENGTH else None,
@@ -872,7 +879,7 @@ class Downstream:
         if audit is not None:
             audit.record(
                 (
-                    _wall(), rid, self.peer_ip, route.name if route else None,
+                    self.t0, rid, self.peer_ip, route.name if route else None,
                     route.backend.name if route and route.backend else None, None, status,
                     decision, code, *self._who(), dur, None, None, None, 0, None,
                 )

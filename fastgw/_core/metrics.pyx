@@ -217,11 +217,13 @@ cdef int _add_value(Buf* b, object v, dict cache) except -1:
     return _add_bytes(b, out)
 
 
-def format_audit_lines(list records not None, dict cache not None):
+def format_audit_lines(list records not None, dict cache not None, double time_offset=0.0):
     """JSON lines (bytes) for audit records: tuples of AUDIT_FIELD_COUNT values in the
     order of fastgw.audit.FIELDS. Request ids and client addresses (fields 1, 2) are
     bytes that need no escaping (validated or generated upstream of this); the trace id
-    (field 17) is kept only if it is a well-formed traceparent."""
+    (field 17) is kept only if it is a well-formed traceparent. ``time_offset`` is added
+    to field 0 (records may carry a monotonic clock reading; the offset makes it wall
+    time)."""
     cdef Buf b
     cdef tuple rec
     cdef Py_ssize_t i
@@ -236,7 +238,9 @@ def format_audit_lines(list records not None, dict cache not None):
             for i in range(18):
                 _add_bytes(&b, <bytes>PyTuple_GET_ITEM(_AUDIT_KEYS, i))
                 v = <object>PyTuple_GET_ITEM(rec, i)
-                if (i == 1 or i == 2) and type(v) is bytes:
+                if i == 0 and type(v) is float:
+                    _add_micros(&b, <double>v + time_offset)
+                elif (i == 1 or i == 2) and type(v) is bytes:
                     _add(&b, "\"", 1)
                     _add_bytes(&b, v)
                     _add(&b, "\"", 1)
