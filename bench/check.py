@@ -1,7 +1,8 @@
 """Run the micro benchmarks, compute fastgw's speed ratios and check them against floors.
 
     .venv/bin/python -m bench.check --quick     # CI: about 20 s, gated by bench/floors.toml
-    .venv/bin/python -m bench.check             # longer rounds, for figures worth quoting
+    .venv/bin/python -m bench.check             # longer rounds, every benchmark module
+    .venv/bin/python -m bench.check --select gated   # longer rounds, gated benchmarks only
     .venv/bin/python -m bench.check --from-json bench/results/<file>.json   # no run
 
 Strategy. Absolute times depend on the machine; a ratio between two implementations
@@ -14,6 +15,15 @@ a ratio can only under-state fastgw's lead. A ratio under its floor is measured 
 more, alone and with twice the time, before it fails the run: a real regression fails
 twice, a noisy minute rarely does.
 
+Which benchmarks run. The full mode runs every ``bench/bench_*.py``. The quick mode (CI)
+runs only the benchmark functions whose figures bench/floors.toml uses, a floor's or a
+target's ``op``: other modules (the map, bucket, identity and routing benchmarks, whose
+100k-entry builds and naive scans take minutes) have no floor and would only spend the
+CI budget. The op is set inside each function (``extra_info["op"]``), so the selection
+reads each module's source and keeps the ``test_*`` functions that name a gated op as a
+string literal. An op named by no function (one computed at run time) makes the run
+fall back to every module, with a note: slower, never a floor left unchecked.
+
 Exit status: 0 when every ratio is at or above its floor, 1 when one is not (after
 the retry), 2 when the benchmark run itself failed (a parser disagreed with the corpus,
 a crash) or produced no figure for a floor.
@@ -22,6 +32,7 @@ a crash) or produced no figure for a floor.
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime
 import json
 import os
@@ -50,10 +61,11 @@ class Mode:
     min_rounds: int
 
 
-# quick: 32 benchmarks x 0.4 s, plus calibration and pytest start-up: about 20 s, so
-# the CI budget of a minute leaves room for a retry. A 0.4 s median is over hundreds of
-# rounds of a few hundred calls (or thousands of single-call rounds): enough to hold
-# the floors, not enough to quote to two digits; the full mode is for that.
+# quick: the gated benchmarks only (see "Which benchmarks run"; 29 today, all in
+# bench_http.py) x 0.4 s, plus calibration and pytest start-up: about 20 s, so the CI
+# budget of a minute leaves room for a retry. A 0.4 s median is over hundreds of rounds
+# of a few hundred calls (or thousands of single-call rounds): enough to hold the
+# floors, not enough to quote to two digits; the full mode is for that.
 QUICK = Mode("quick", max_time_s=0.4, min_rounds=20)
 FULL = Mode("full", max_time_s=2.0, min_rounds=100)
 
@@ -85,6 +97,43 @@ def run_bench(mode: Mode, json_path: Path, node_ids: Iterable[str] = (), scale: 
     ]
     print("$ " + " ".join(cmd[1:]), flush=True)
     return subprocess.call(cmd, cwd=ROOT)
+
+
+# ---------------------------------------------------------------------------------------
+# Selecting
+
+
+def gated_ops(floors: Floors, targets: dict[str, float]) -> set[str]:
+    """The ops whose figures a floor or a target reads."""
+    return {op for op, _ in floors} | {target_op(name) for name in targets}
+
+
+def target_op(name: str) -> str:
+    """The op of a target: ``<op>_max_us`` or ``<op>_vs_<ref>``."""
+    if name.endswith("_max_us"):
+        return name.removesuffix("_max_us")
+    return name.rpartition("_vs_")[0]
+
+
+def select_gated(
+    ops: set[str], modules: Iterable[str] = MICRO_MODULES
+) -> tuple[list[str], set[str]]:
+    """Node ids (``bench/bench_x.py::test_y``) of the benchmark functions that name one of
+    ``ops`` as a string literal, decorators included; also the ops no function names."""
+    node_ids: list[str] = []
+    found: set[str] = set()
+    for module in modules:
+        tree = ast.parse((ROOT / module).read_text(), filename=module)
+        for node in tree.body:
+            if not (isinstance(node, ast.FunctionDef) and node.name.startswith("test_")):
+                continue
+            named = {
+                c.value for c in ast.walk(node) if isinstance(c, ast.Constant) and c.value in ops
+            }
+            if named:
+                node_ids.append(f"{module}::{node.name}")
+                found |= named
+    return node_ids, ops - found
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,8 +223,8 @@ def compute_ratios(results: Results, floors: Floors) -> tuple[list[Ratio], list[
             ref_impl = min(refs, key=refs.__getitem__)
             ratio = refs[ref_impl] / impls["fastgw"][0]
             ratios.append(Ratio(op, message, ref, ref_impl, ratio, floor))
-        for message in by_message.keys() - seen - {None}:
-            missing.append(f"no benchmark for the floor {fop}.{message} vs {ref}")
+        for unseen in by_message.keys() - seen - {None}:
+            missing.append(f"no benchmark for the floor {fop}.{unseen} vs {ref}")
         if not seen:
             missing.append(f"no benchmark for the floor {fop} vs {ref}")
     return ratios, missing
@@ -229,14 +278,14 @@ def print_targets(results: Results, ratios: list[Ratio], targets: dict[str, floa
     print()
     print("issue targets (reported, not gated; the floors above gate CI):")
     for name, value in targets.items():
+        op = target_op(name)
         if name.endswith("_max_us"):
-            op = name.removesuffix("_max_us")
             figures = {m: i["fastgw"][0] * 1e6 for (o, m), i in results.items() if o == op}
             met = {m: f <= value for m, f in figures.items()}
             shown = {m: f"{f:.3f} us" for m, f in figures.items()}
             label = f"{op} median <= {value:g} us"
         else:
-            op, _, ref = name.rpartition("_vs_")
+            ref = name.rpartition("_vs_")[2]
             figures = {r.message: r.ratio for r in ratios if r.op == op and r.ref == ref}
             met = {m: f >= value for m, f in figures.items()}
             shown = {m: f"{f:.1f}x" for m, f in figures.items()}
@@ -271,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="PATH",
         help="check an existing --benchmark-json file instead of running (no retry)",
     )
+    ap.add_argument(
+        "--select",
+        choices=("gated", "all"),
+        help="run only the benchmarks a floor or target reads (default with --quick), "
+        "or every benchmark module (default otherwise)",
+    )
     ap.add_argument("--no-retry", action="store_true", help="fail at the first measurement")
     ap.add_argument(
         "--floors", type=Path, default=FLOORS_FILE, metavar="PATH", help="default: %(default)s"
@@ -286,7 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         RESULTS_DIR.mkdir(exist_ok=True)
         json_path = RESULTS_DIR / f"micro-{mode.name}-{_stamp()}.json"
-        if run_bench(mode, json_path) != 0:
+        node_ids: list[str] = []
+        if (args.select or ("gated" if args.quick else "all")) == "gated":
+            node_ids, unnamed = select_gated(gated_ops(floors, targets))
+            if unnamed:
+                print(
+                    "no benchmark function names the op(s) "
+                    + ", ".join(sorted(unnamed))
+                    + " as a string literal: running every module"
+                )
+                node_ids = []
+        if run_bench(mode, json_path, node_ids) != 0:
             print("the benchmark run failed (see above): no ratios checked")
             return 2
     results = load_results(json_path)
