@@ -1,0 +1,114 @@
+"""The gateway's own cost per request, without the kernel: the downstream exchange loop
+driven with in-memory transports (no sockets, no waits), so what is measured is the
+Python and core work fastgw adds to each proxied request.
+
+    python -m bench.path [N]                  # microseconds per request
+    valgrind --tool=callgrind python -m bench.path 20000   # instructions: subtract a run
+                                                           # with N=1, divide by N
+
+Instruction counts are the stable figure on a shared machine: compare before/after a
+hot-path change with them (``--audit`` adds the audit log to the config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+
+import trio
+
+from fastgw.config.model import (
+    AuditConfig,
+    BackendConfig,
+    Endpoint,
+    GatewayConfig,
+    ListenerConfig,
+    RouteConfig,
+)
+from fastgw.downstream import Downstream
+from fastgw.gateway import Gateway
+from fastgw.upstream.pool import UpstreamConn
+
+REQ = b"GET / HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n\r\n"
+RESP = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Thu, 26 Nov 2026 04:11:28 GMT\r\n"
+    b"Content-Type: text/plain\r\nContent-Length: 2\r\nConnection: keep-alive\r\n\r\nok"
+)
+
+
+class _Client:
+    closed = False
+    tls = False
+    peer_cert = None
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def recv_nowait(self, n: int = 65536) -> bytes:
+        if self.n <= 0:
+            return b""
+        self.n -= 1
+        return REQ
+
+    async def recv_after_wait(self, n: int = 65536) -> bytes:
+        return self.recv_nowait()
+
+    async def recv(self, n: int = 65536) -> bytes:
+        return self.recv_nowait()
+
+    def send_nowait(self, data: bytes) -> int:
+        return len(data)
+
+    async def send_all(self, data: bytes) -> None:
+        pass
+
+    def is_reusable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class _Upstream(_Client):
+    def recv_nowait(self, n: int = 65536) -> bytes:
+        return RESP
+
+
+def config(audit: bool) -> GatewayConfig:
+    ep = Endpoint(url="http://127.0.0.1:9", scheme="http", host="127.0.0.1", port=9, path_prefix="")
+    cfg = GatewayConfig(
+        listeners=(ListenerConfig(name="l", host="127.0.0.1", port=0),),
+        backends={"fn": BackendConfig(name="fn", endpoints=(ep,))},
+        routes=(RouteConfig(name="all", backend="fn"),),
+    )
+    if audit:
+        cfg = dataclasses.replace(cfg, audit=AuditConfig(enabled=True, path="/dev/null"))
+    return cfg
+
+
+async def run(n: int, audit: bool) -> float:
+    gw = Gateway(config(audit))
+    gw.now = trio.current_time()
+    pool = gw.state.backends["fn"].pools[0]
+    conn = UpstreamConn(pool, _Upstream(0))  # type: ignore[arg-type]
+    conn.idle_since = gw.now
+    conn.exchanges = 1
+    pool._idle.append(conn)
+    d = Downstream(gw, _Client(n), b"127.0.0.1", b"http")  # type: ignore[arg-type]
+    with trio.CancelScope() as scope:
+        d.scope = scope
+        t0 = time.perf_counter()
+        await d.run()
+        return (time.perf_counter() - t0) / max(n, 1)
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(args[0]) if args else 200_000
+    per = trio.run(run, n, "--audit" in sys.argv)
+    print(f"{per * 1e6:.2f} us per request ({n} requests, no I/O)")
+
+
+if __name__ == "__main__":
+    main()
