@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -108,14 +108,9 @@ def _safe(value: object) -> bytes:
     return b"".join(bytes([c]) if 0x20 <= c <= 0x7E and c != 0x25 else b"%%%02X" % c for c in raw)
 
 
-def identity_lines(gw, identity: Identity, issuer_name: str | None, cfg) -> bytes:  # type: ignore[no-untyped-def]
+def identity_lines(identity: Identity, issuer_name: str | None, cfg) -> bytes:  # type: ignore[no-untyped-def]
     """The identity fields sent upstream (X-Fastgw-Identity/Subject/Issuer/Key and the
-    configured claims), rendered once per identity object and cached: a cached token
-    yields the same Identity object, so a repeat caller costs a dict lookup."""
-    cache = gw.identity_headers
-    out = cache.get(identity)
-    if out is not None:
-        return out
+    configured claims). Rendered once per identity object (the caller caches it)."""
     p = cfg.header_prefix.encode()
     lines = [p + b"Identity: " + identity.kind.encode() + b"\r\n"]
     if identity.subject:
@@ -128,11 +123,20 @@ def identity_lines(gw, identity: Identity, issuer_name: str | None, cfg) -> byte
         v = identity.claims.get(claim)
         if isinstance(v, str | int | float) and not isinstance(v, bool):
             lines.append(p + b"Claim-" + claim.encode() + b": " + _safe(v) + b"\r\n")
-    out = b"".join(lines)
-    if len(cache) > 10000:
-        cache.clear()
-    cache[identity] = out
-    return out
+    return b"".join(lines)
+
+
+# fastgw.identity (PyJWT, cryptography) is imported on first use, not at module import:
+# a gateway without identity sources never loads it.
+_IDENTITY: Any = None
+
+
+def _identity_api() -> Any:
+    global _IDENTITY
+    import fastgw.identity
+
+    _IDENTITY = fastgw.identity
+    return _IDENTITY
 
 
 class UpstreamFailed(Exception):
@@ -771,16 +775,20 @@ class Downstream:
     async def _authorize(self, state, head, route: Route, rid: bytes):  # type: ignore[no-untyped-def]
         """Establish who calls and decide whether they may. Returns the identity field
         lines for the upstream head (b"" when there are none), or False after answering
-        401/400 (credentials), 403 (a policy) or 503 (the token's issuer has no keys)."""
-        from fastgw.identity import ANONYMOUS, AuthError, IssuerUnavailable, answer_for
+        401/400 (credentials), 403 (a policy) or 503 (the token's issuer has no keys).
 
+        A repeat caller costs dictionary lookups: the verifier returns the same Identity
+        object for a cached token, and the identity's header lines and each route's
+        policy decision for it are cached by that object (decisions depend on the
+        identity alone)."""
+        ida = _IDENTITY or _identity_api()
         gw = self.gw
         auth = route.auth
         ident_cfg = state.config.identity
         try:
-            identity = await self._authenticate(state, head)
-        except (AuthError, IssuerUnavailable) as e:
-            ans = answer_for(e, ident_cfg.realm)
+            identity = await self._authenticate(state, head, ida)
+        except (ida.AuthError, ida.IssuerUnavailable) as e:
+            ans = ida.answer_for(e, ident_cfg.realm)
             gw.auth_counts[(getattr(e, "issuer", None) or "-", ans.code)] += 1
             gw.count_error("unauthenticated" if ans.status != 503 else "issuer_unavailable")
             await self.send_error(
@@ -790,7 +798,7 @@ class Downstream:
             return False
         if identity is None:
             if auth is not None and not auth.allow_anonymous:
-                ans = answer_for(None, ident_cfg.realm)
+                ans = ida.answer_for(None, ident_cfg.realm)
                 gw.auth_counts[("-", "missing")] += 1
                 gw.count_error("unauthenticated")
                 await self.send_error(
@@ -798,13 +806,20 @@ class Downstream:
                     extra=_header_lines(ans.headers), decision="deny",
                 )  # fmt: skip
                 return False
-            identity = ANONYMOUS
+            identity = ida.ANONYMOUS
         self.identity = identity
-        issuer_name = state.iss_names.get(identity.issuer) if identity.kind == "jwt" else None
+        info = gw.identity_info.get(identity)
+        if info is None:
+            issuer_name = state.iss_names.get(identity.issuer) if identity.kind == "jwt" else None
+            info = (issuer_name, identity_lines(identity, issuer_name, ident_cfg))
+            if len(gw.identity_info) >= 10000:
+                gw.identity_info.clear()
+            gw.identity_info[identity] = info
+        issuer_name, extra = info
         gw.auth_counts[(issuer_name or identity.kind, "ok")] += 1
         self.decision_reason = None
         if auth is not None:
-            denied, shadows = auth.evaluate(identity, issuer_name)
+            denied, shadows = auth.evaluate_cached(identity, issuer_name)
             for s in shadows:
                 gw.policy_counts[(s.policy, "shadow_allow" if s.allow else "shadow_deny")] += 1
             if denied is not None:
@@ -816,29 +831,26 @@ class Downstream:
                     close=head.body_kind != BODY_NONE, decision="deny",
                 )  # fmt: skip
                 return False
-            for p in auth.enforce:
-                gw.policy_counts[(p.name, "allow")] += 1
-            self.decision_reason = ",".join(p.name for p in auth.enforce) or None
-        extra = identity_lines(gw, identity, issuer_name, ident_cfg)
+            for name in auth.enforce_names:
+                gw.policy_counts[(name, "allow")] += 1
+            self.decision_reason = auth.allow_reason
         if ident_cfg.authorization == "move":
             extra += _moved_authorization(head) or b""
         return extra
 
-    async def _authenticate(self, state, head) -> Identity | None:  # type: ignore[no-untyped-def]
+    async def _authenticate(self, state, head, ida) -> Identity | None:  # type: ignore[no-untyped-def]
         """The caller's identity from, in order: a bearer token, an API key, the verified
         client certificate; None when there is no credential at all. Raises AuthError
         (invalid credentials) or IssuerUnavailable."""
-        from fastgw.identity import AuthError, UnknownKey, bearer_token, identity_from_peer_cert
-
-        token = bearer_token(head.get(b"authorization"))
+        token = ida.bearer_token(head.get(b"authorization"))
         if token is not None:
             verifier = state.verifier
             if verifier is None:
-                raise AuthError("invalid_token", "bearer tokens are not accepted here")
+                raise ida.AuthError("invalid_token", "bearer tokens are not accepted here")
             now = _wall()
             try:
                 return verifier.verify(token, now)
-            except UnknownKey:
+            except ida.UnknownKey:
                 # A key we have not seen: one (rate-limited) refetch, then once more.
                 return await verifier.verify_async(token, now)
         keys = state.config.identity.api_keys
@@ -847,11 +859,11 @@ class Downstream:
             if presented is not None:
                 ident = keys.lookup(presented)
                 if ident is None:
-                    raise AuthError("invalid_token", "unknown API key")
+                    raise ida.AuthError("invalid_token", "unknown API key")
                 return ident
         peer = self.t.peer_cert
         if peer:
-            return identity_from_peer_cert(peer)
+            return ida.identity_from_peer_cert(peer)
         return None
 
     async def send_error(

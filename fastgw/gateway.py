@@ -161,8 +161,9 @@ class Gateway:
         # decisions (policy, decision): bounded by the config's names.
         self.auth_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self.policy_counts: collections.Counter[tuple[str, str]] = collections.Counter()
-        # Identity headers rendered once per identity (a cached token's is reused).
-        self.identity_headers: dict[object, bytes] = {}
+        # Per identity object: (issuer config name, identity header lines). A cached
+        # token yields the same Identity object, so a repeat caller is one lookup.
+        self.identity_info: dict[object, tuple[str | None, bytes]] = {}
         # Rate-limit buckets: the gateway's, not a config's, so a reload keeps them.
         self.buckets = BucketTable(config.max_limit_keys) if config.rate_limits else None
         self.limit_counts: collections.Counter[tuple[str, str]] = collections.Counter()

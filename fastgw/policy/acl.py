@@ -105,13 +105,29 @@ def decide(policy: PolicyConfig, identity: Identity, issuer_name: str | None) ->
 class RouteAuth:
     """The policies guarding one route in the running environment."""
 
-    __slots__ = ("allow_anonymous", "enforce", "shadow")
+    __slots__ = ("_cache", "allow_anonymous", "allow_reason", "enforce", "enforce_names", "shadow")
 
     def __init__(self, policies: list[PolicyConfig]) -> None:
         self.enforce = [p for p in policies if p.mode == "enforce"]
         self.shadow = [p for p in policies if p.mode == "shadow"]
+        self.enforce_names = tuple(p.name for p in self.enforce)
+        self.allow_reason = ",".join(self.enforce_names) or None
         # No credential at all is acceptable only if every enforcing policy says so.
         self.allow_anonymous = all(p.allow_anonymous for p in self.enforce)
+        # Decisions by identity object: rules look at the identity only, and a cached
+        # token yields the same object. Bounded; rebuilt with the config on reload.
+        self._cache: dict[Identity, tuple[Decision | None, list[Decision]]] = {}
+
+    def evaluate_cached(
+        self, identity: Identity, issuer_name: str | None
+    ) -> tuple[Decision | None, list[Decision]]:
+        hit = self._cache.get(identity)
+        if hit is None:
+            hit = self.evaluate(identity, issuer_name)
+            if len(self._cache) >= 10000:
+                self._cache.clear()
+            self._cache[identity] = hit
+        return hit
 
     def evaluate(
         self, identity: Identity, issuer_name: str | None
