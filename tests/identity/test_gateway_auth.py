@@ -239,3 +239,62 @@ async def test_readiness_and_metrics_follow_the_issuer(
     text = (await call(gw2.admin_address[1], b"/metrics")).body.decode()
     assert 'fastgw_issuer_ready{issuer="corp"} 0.0' in text
     assert "fastgw_auth_total" in text
+
+
+async def test_mtls_callers_allowed_and_denied(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A TLS listener verifying client certificates; a policy allowing one DNS SAN."""
+    import ssl
+
+    import trustme
+
+    ca = trustme.CA()
+    server = ca.issue_cert("localhost")
+    cert_file, key_file, ca_file = tmp_path / "s.pem", tmp_path / "s.key", tmp_path / "ca.pem"
+    server.private_key_pem.write_to_path(str(key_file))
+    server.cert_chain_pems[0].write_to_path(str(cert_file))
+    ca.cert_pem.write_to_path(str(ca_file))
+    up = Upstream()
+    uport = await nursery.start(up.serve)
+    (tmp_path / "gateway.toml").write_text(
+        f"""
+[[listeners]]
+name = "mtls"
+address = "127.0.0.1:0"
+tls_cert_file = "s.pem"
+tls_key_file = "s.key"
+client_ca_file = "ca.pem"
+client_cert = "required"
+[backends.fn]
+endpoints = ["http://127.0.0.1:{uport}"]
+[[routes]]
+name = "svc"
+path_prefix = "/"
+backend = "fn"
+[[policies]]
+name = "services"
+routes = ["svc"]
+[[policies.rules]]
+effect = "allow"
+cert_sans = ["billing.svc.test"]
+"""
+    )
+    gw = Gateway(load_config(tmp_path / "gateway.toml"))
+    port = (await nursery.start(gw.serve))[0][1]
+
+    async def call_as(name: str):  # type: ignore[no-untyped-def]
+        ctx = ssl.create_default_context()
+        ca.configure_trust(ctx)
+        ca.issue_cert(name).configure_cert(ctx)
+        c = await Client.open(port, ctx)
+        r = await c.request(b"GET", b"/x")
+        await c.aclose()
+        return r
+
+    r = await call_as("billing.svc.test")
+    assert r.status == 200
+    seen = up.received[-1]
+    assert seen.header(b"x-fastgw-identity") == b"mtls"
+    assert seen.header(b"x-fastgw-subject")  # the certificate's name, as the upstream sees it
+    r = await call_as("other.svc.test")
+    assert r.status == 403 and "services:no rule matched" in r.json()["detail"]
+    assert len(up.received) == 1
