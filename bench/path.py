@@ -7,7 +7,8 @@ Python and core work fastgw adds to each proxied request.
                                                            # with N=1, divide by N
 
 Instruction counts are the stable figure on a shared machine: compare before/after a
-hot-path change with them (``--audit`` adds the audit log to the config).
+hot-path change with them (``--audit`` adds the audit log to the config, ``--limit`` a
+rate limit taken on every request).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastgw.config.model import (
     Endpoint,
     GatewayConfig,
     ListenerConfig,
+    RateLimitConfig,
     RouteConfig,
 )
 from fastgw.downstream import Downstream
@@ -75,7 +77,7 @@ class _Upstream(_Client):
         return RESP
 
 
-def config(audit: bool) -> GatewayConfig:
+def config(audit: bool, limit: bool = False) -> GatewayConfig:
     ep = Endpoint(url="http://127.0.0.1:9", scheme="http", host="127.0.0.1", port=9, path_prefix="")
     cfg = GatewayConfig(
         listeners=(ListenerConfig(name="l", host="127.0.0.1", port=0),),
@@ -84,12 +86,16 @@ def config(audit: bool) -> GatewayConfig:
     )
     if audit:
         cfg = dataclasses.replace(cfg, audit=AuditConfig(enabled=True, path="/dev/null"))
+    if limit:
+        lim = RateLimitConfig(name="per-client", rate_per_s=1e7, burst=1e7, key="ip")
+        cfg = dataclasses.replace(cfg, rate_limits=(lim,))
     return cfg
 
 
-async def run(n: int, audit: bool) -> float:
-    gw = Gateway(config(audit))
+async def run(n: int, audit: bool, limit: bool = False) -> float:
+    gw = Gateway(config(audit, limit))
     gw.now = trio.current_time()
+    gw.clock = trio.lowlevel.current_clock()
     pool = gw.state.backends["fn"].pools[0]
     conn = UpstreamConn(pool, _Upstream(0))  # type: ignore[arg-type]
     conn.idle_since = gw.now
@@ -107,7 +113,7 @@ async def run(n: int, audit: bool) -> float:
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 200_000
-    per = trio.run(run, n, "--audit" in sys.argv)
+    per = trio.run(run, n, "--audit" in sys.argv, "--limit" in sys.argv)
     print(f"{per * 1e6:.2f} us per request ({n} requests, no I/O)")
 
 

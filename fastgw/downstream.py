@@ -746,23 +746,21 @@ class Downstream:
     def _over_limit(self, route: Route, head):  # type: ignore[no-untyped-def]
         """(limit, seconds to wait) for the first enforced limit this request is over,
         None when it may pass. Takes a token from every limit that allows it."""
-        gw = self.gw
-        table = gw.buckets
+        table = self.gw.buckets
         if table is None:
             return None
-        now = trio.current_time()
-        counts = gw.limit_counts
+        now = self.gw.clock.current_time()
         for lim in route.limits:
             wait = table.take(
                 lim.key(self.identity, self.peer_ip, head), 1, now, lim.rate, lim.burst
             )
             if wait > 0.0:
                 if lim.shadow:
-                    counts[(lim.name, "shadow_limited")] += 1
+                    lim.counts[2] += 1
                     continue
-                counts[(lim.name, "limited")] += 1
+                lim.counts[1] += 1
                 return lim, wait
-            counts[(lim.name, "allowed")] += 1
+            lim.counts[0] += 1
         return None
 
     def _who(self) -> tuple[str | None, str | None, str | None]:

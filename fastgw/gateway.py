@@ -25,7 +25,7 @@ import socket
 import ssl
 import time
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -63,6 +63,7 @@ class GatewayState:
         "environment",
         "has_identity",
         "iss_names",
+        "limit_counts",
         "limits",
         "router",
         "verifier",
@@ -71,6 +72,7 @@ class GatewayState:
     )
 
     router: Router
+    limit_counts: dict[str, list[int]]
 
     def __init__(self, config: GatewayConfig, previous: GatewayState | None = None) -> None:
         self.config = config
@@ -104,6 +106,9 @@ class GatewayState:
             else:
                 self.backends[name] = Backend(bcfg, previous=prev)
         old_routes = {r.name: r for r in previous.router.routes} if previous else {}
+        # Rate-limit counters by limit name, shared across routes, kept over reloads.
+        limit_counts: dict[str, list[int]] = previous.limit_counts if previous else {}
+        self.limit_counts = limit_counts
         self.router = Router(
             [
                 Route(
@@ -112,6 +117,7 @@ class GatewayState:
                     config,
                     previous=old_routes.get(r.name),
                     auth=route_auth(config.policies, r.name, self.environment),
+                    limit_counts=limit_counts,
                 )
                 for r in config.routes
             ],
@@ -166,7 +172,9 @@ class Gateway:
         self.identity_info: dict[object, tuple[str | None, bytes]] = {}
         # Rate-limit buckets: the gateway's, not a config's, so a reload keeps them.
         self.buckets = BucketTable(config.max_limit_keys) if config.rate_limits else None
-        self.limit_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        # The clock rate limits read (trio's, so the mock clock drives the tests); bound
+        # once, since trio.current_time() walks three Python calls.
+        self.clock: Any = None
         self._admin: AdminServer | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
@@ -242,6 +250,7 @@ class Gateway:
                 for lst in listeners.values():
                     self._start_listener(lst)
                 self.now = trio.current_time()
+                self.clock = trio.lowlevel.current_clock()
                 self.trio_token = trio.lowlevel.current_trio_token()
                 nursery.start_soon(self._watchdog)
                 if self.audit is not None:

@@ -146,8 +146,9 @@ class GatewayCollector(Collector):
             "Rate-limit decisions: allowed, limited, shadow_limited",
             labels=["limit", "decision"],
         )
-        for (name, decision), n in sorted(list(gw.limit_counts.items())):
-            lim.add_metric([name, decision], n)
+        for name, counts in sorted(list(state.limit_counts.items())):
+            for decision, n in zip(("allowed", "limited", "shadow_limited"), counts, strict=True):
+                lim.add_metric([name, decision], n)
         yield lim
         if gw.buckets is not None:
             bs = gw.buckets.statistics()

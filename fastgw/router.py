@@ -84,10 +84,13 @@ class Route:
         gw_config: GatewayConfig,
         previous: Route | None = None,
         auth: RouteAuth | None = None,
+        limit_counts: dict[str, list[int]] | None = None,
     ) -> None:
         self.config = config
         self.auth = auth
-        self.limits = route_limits(gw_config.rate_limits, config.name)
+        self.limits = route_limits(
+            gw_config.rate_limits, config.name, limit_counts if limit_counts is not None else {}
+        )
         self.name = config.name
         self.backend = backend
         # Counters outlive a reload when the route keeps its name (metrics stay monotonic).

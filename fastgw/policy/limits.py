@@ -22,10 +22,15 @@ if TYPE_CHECKING:
 
 
 class RouteLimit:
-    __slots__ = ("arg", "burst", "kind", "name", "policy_field", "prefix", "rate", "shadow")
+    __slots__ = (
+        "arg", "burst", "counts", "kind", "name", "policy_field", "prefix", "rate", "shadow",
+    )  # fmt: skip
 
-    def __init__(self, cfg: RateLimitConfig) -> None:
+    def __init__(self, cfg: RateLimitConfig, counts: list[int] | None = None) -> None:
         self.name = cfg.name
+        # allowed, limited, shadow_limited: shared by every route the limit applies to,
+        # and carried over a reload (metrics stay monotonic).
+        self.counts = counts if counts is not None else [0, 0, 0]
         self.prefix = cfg.name.encode() + b"\0"
         self.rate = cfg.rate_per_s
         self.burst = cfg.burst
@@ -63,5 +68,13 @@ class RouteLimit:
         )
 
 
-def route_limits(limits: tuple[RateLimitConfig, ...], route: str) -> tuple[RouteLimit, ...]:
-    return tuple(RouteLimit(x) for x in limits if not x.routes or route in x.routes)
+def route_limits(
+    limits: tuple[RateLimitConfig, ...], route: str, counts: dict[str, list[int]]
+) -> tuple[RouteLimit, ...]:
+    """The limits on ``route``; ``counts`` maps a limit's name to its counters (created
+    here when missing) so routes and reloads share them."""
+    return tuple(
+        RouteLimit(x, counts.setdefault(x.name, [0, 0, 0]))
+        for x in limits
+        if not x.routes or route in x.routes
+    )
