@@ -111,6 +111,7 @@ _BACKEND_KEYS = (
     "total_timeout_s",
     "pool_max_size",
     "pool_idle_timeout_s",
+    "balance",
 )
 _ROUTE_KEYS = (
     "name",
@@ -931,10 +932,12 @@ class _Builder:
                     f"first_byte_timeout_s ({first:g} s) is longer than "
                     f"total_timeout_s ({total:g} s)",
                 )
+        balance = r.get_choice("balance", ("least_outstanding", "round_robin"))
         if r.ok:
             obj = BackendConfig(
                 name=name,
                 endpoints=tuple(endpoints),
+                balance=balance or "least_outstanding",
                 ca_file=ca,
                 client_cert_file=cert,
                 client_key_file=key,

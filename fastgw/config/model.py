@@ -95,6 +95,9 @@ class BackendConfig:
     # timeouts common on function front ends, so we close before they do).
     pool_max_size: int = 128
     pool_idle_timeout_s: float = 30.0
+    # "least_outstanding": the less busy of two endpoints picked at random (the power
+    # of two choices: Envoy's default LEAST_REQUEST); "round_robin".
+    balance: str = "least_outstanding"
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,11 +1,15 @@
 """A backend: a group of function endpoints, each with its own pool.
 
-For now endpoints are taken round robin; the balancing issue replaces ``pick`` with
-least-outstanding-requests and health. A backend outlives config reloads when its
-endpoints are unchanged, so its pools (and their warm connections) are kept.
+``pick`` balances by least outstanding requests with two random choices (the less busy
+of two endpoints drawn at random; Envoy's default, and within a small factor of the
+best possible without scanning every endpoint), or round robin. Health, ejection and
+priorities come with the serverless-backends work. A backend outlives config reloads
+when its endpoints are unchanged, so its pools (and their warm connections) are kept.
 """
 
 from __future__ import annotations
+
+import random
 
 from fastgw._core.metrics import Histogram
 from fastgw.config.model import BackendConfig
@@ -13,7 +17,7 @@ from fastgw.upstream.pool import Pool, make_client_tls_context
 
 
 class Backend:
-    __slots__ = ("_next", "config", "first_byte", "name", "pools")
+    __slots__ = ("_next", "_rand", "config", "first_byte", "name", "pick", "pools")
 
     def __init__(self, config: BackendConfig, previous: Backend | None = None) -> None:
         self.config = config
@@ -27,13 +31,33 @@ class Backend:
             Pool(ep, config, tls_ctx if ep.scheme == "https" else None) for ep in config.endpoints
         ]
         self._next = 0
+        self._rand = random.Random()
+        # Bound once: one endpoint needs no choice at all.
+        if len(self.pools) == 1:
+            self.pick = self._only
+        elif config.balance == "round_robin":
+            self.pick = self._round_robin
+        else:
+            self.pick = self._least_outstanding
 
-    def pick(self) -> Pool:
-        """The next endpoint's pool, round robin. Raises IndexError with no endpoints."""
+    def _only(self) -> Pool:
+        return self.pools[0]
+
+    def _round_robin(self) -> Pool:
         pools = self.pools
         i = self._next
         self._next = i + 1 if i + 1 < len(pools) else 0
-        return pools[i % len(pools)]
+        return pools[i]
+
+    def _least_outstanding(self) -> Pool:
+        pools = self.pools
+        n = len(pools)
+        i = int(self._rand.random() * n)
+        j = int(self._rand.random() * (n - 1))
+        if j >= i:
+            j += 1  # two distinct endpoints
+        a, b = pools[i], pools[j]
+        return a if a.outstanding <= b.outstanding else b
 
     def expire_idle(self, now: float) -> int:
         return sum(p.expire_idle(now) for p in self.pools)

@@ -120,6 +120,11 @@ class Pool:
         self._lot = trio.lowlevel.ParkingLot()
         self.closed = False
 
+    @property
+    def outstanding(self) -> int:
+        """Requests holding a connection of this pool now (for balancing)."""
+        return self._busy
+
     def statistics(self) -> PoolStatistics:
         return PoolStatistics(
             idle=len(self._idle),
