@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 # promtool (package prometheus) checks the metrics exposition.
 need_apt=()
 command -v promtool >/dev/null || need_apt+=(prometheus)
+command -v redis-server >/dev/null || need_apt+=(redis-server)  # shared-limit tests
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         export DEBIAN_FRONTEND=noninteractive
