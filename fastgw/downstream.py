@@ -87,6 +87,34 @@ _REASONS = {
 }
 
 
+def _upstream_head(d, state, head, route, pool, path: bytes, rid: bytes, id_extra):  # type: ignore[no-untyped-def]
+    """The head for ``pool``'s endpoint: its Host, its path prefix joined to ``path``."""
+    prefix = pool.path_prefix
+    if prefix:
+        path = prefix + (path[1:] if path == b"/" or path.startswith(b"/?") else path)
+    extra = route.req_extra
+    if id_extra:
+        extra = extra + id_extra if extra else id_extra
+    return build_request_head(
+        head,
+        target=path,
+        host=pool.host_header,
+        client_ip=d.peer_ip,
+        proto=d.proto,
+        request_id=rid,
+        xff_append=state.xff_append,
+        via=state.via,
+        strip=route.req_strip,
+        extra=extra,
+    )
+
+
+def _rebuild(d, retry, pool, first: bytes) -> bytes:  # type: ignore[no-untyped-def]
+    """``first`` (a head and the body bytes sent with it) rebuilt for another endpoint."""
+    state, head, route, path, rid, id_extra, head_len = retry
+    return _upstream_head(d, state, head, route, pool, path, rid, id_extra) + first[head_len:]
+
+
 def _header_lines(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
     return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
 
@@ -353,23 +381,9 @@ class Downstream:
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
 
         pool = backend.pick()
-        prefix = pool.path_prefix
-        if prefix:
-            path = prefix + (path[1:] if path == b"/" or path.startswith(b"/?") else path)
-        up_head = build_request_head(
-            head,
-            target=path,
-            host=pool.host_header,
-            client_ip=self.peer_ip,
-            proto=self.proto,
-            request_id=rid,
-            xff_append=state.xff_append,
-            via=state.via,
-            strip=route.req_strip,
-            extra=(route.req_extra + id_extra if route.req_extra else id_extra)
-            if id_extra
-            else route.req_extra,
-        )
+        up_head = _upstream_head(self, state, head, route, pool, path, rid, id_extra)
+        # To send the same request to another endpoint (a retry): its head, then the body.
+        retry = (state, head, route, path, rid, id_extra, len(up_head))
         bcfg = backend.config
         deadline_total = gw.now + (route.total_timeout_s or bcfg.total_timeout_s)
 
@@ -432,9 +446,10 @@ class Downstream:
             # After an error the client connection stays usable only if the whole
             # request was read (its framing is then not in doubt).
             keep = replayable and head.keep_alive and not gw.draining
-            conn = await self._connect_and_send(pool, first, rid, keep)
-            if conn is None:
+            got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
+            if got is None:
                 return buf, pos, keep
+            conn, pool, first = got
         ut = conn.transport
 
         # Stream the rest of the request body, client -> upstream.
@@ -481,18 +496,26 @@ class Downstream:
                 else:
                     rh, ubuf, upos = await self._response_head(ut, is_head, ubuf)
             except _NothingBack:
-                if not (replayable and idempotent and conn.exchanges > 0):
+                # Nothing came back: a reused connection the function's side had closed,
+                # or an endpoint that died with the request in flight. An idempotent
+                # request (RFC 9110 9.2.2) read whole is sent once more, to another
+                # endpoint when there is one; anything else gets its 502.
+                if not (replayable and idempotent):
                     raise
                 retries = 1
-                # A reused connection that the function's side had closed: the request
-                # never reached it. Once more on a fresh connection.
+                reused = conn.exchanges > 0
                 pool.release(conn, False)
                 self.upconn = None
-                gw.count_error("dead_pooled_connection")
+                gw.count_error("dead_pooled_connection" if reused else "retried")
                 keep = head.keep_alive and not gw.draining
-                conn = await self._connect_and_send(pool, first, rid, keep)
-                if conn is None:
+                alt = pool if reused else backend.pick_other(pool)
+                if alt is not pool:
+                    first = _rebuild(self, retry, alt, first)
+                    pool = alt
+                got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
+                if got is None:
                     return buf, pos, keep
+                conn, pool, first = got
                 ut = conn.transport
                 rh, ubuf, upos = await self._response_head(ut, is_head, None)
         except (ProtocolError, UpstreamFailed, OSError) as e:
@@ -669,39 +692,50 @@ class Downstream:
             raise UpstreamFailed(502, "upstream_closed", "upstream closed mid-response", sent=True)
         return data
 
-    async def _connect_and_send(
-        self, pool: Pool, first: bytes, rid: bytes, keep: bool
-    ) -> UpstreamConn | None:
-        """Open a fresh connection (or wait for one at the pool's cap), send ``first``.
+    async def _connect_and_send(  # type: ignore[no-untyped-def]
+        self, backend, pool: Pool, first: bytes, rid: bytes, keep: bool, retry
+    ):
+        """Open a fresh connection (or wait for one at the pool's cap) and send
+        ``first``; returns (connection, pool, bytes sent). A connection that could not be
+        opened sent nothing, so the request goes to another endpoint once (any method).
         On failure answers the client (closing unless ``keep``) and returns None."""
         gw = self.gw
-        try:
-            conn = await pool.acquire(fresh=True)
-        except UpstreamConnectError as e:
-            if e.saturated:
-                status, code = 503, "upstream_saturated"
-                detail = "no connection to the function became available in time"
-            elif e.timeout:
-                status, code = 504, "upstream_connect_timeout"
-                detail = "connecting to the function timed out"
-            else:
-                status, code = 502, "upstream_unreachable"
-                detail = "could not connect to the function endpoint"
-            gw.count_error(code)
-            await self.send_error(status, code, detail, rid, close=not keep)
-            return None
-        self.upconn = conn
-        try:
-            await conn.transport.send_all(first)
-        except OSError:
-            pool.release(conn, False)
-            self.upconn = None
-            gw.count_error("upstream_reset")
-            await self.send_error(
-                502, "upstream_reset", "upstream connection failed", rid, close=not keep
-            )
-            return None
-        return conn
+        for attempt in (0, 1):
+            try:
+                conn = await pool.acquire(fresh=True)
+            except UpstreamConnectError as e:
+                if not e.saturated and not e.timeout and attempt == 0:
+                    alt = backend.pick_other(pool)
+                    if alt is not pool:
+                        gw.count_error("connect_failed_retried")
+                        first = _rebuild(self, retry, alt, first)
+                        pool = alt
+                        continue
+                if e.saturated:
+                    status, code = 503, "upstream_saturated"
+                    detail = "no connection to the function became available in time"
+                elif e.timeout:
+                    status, code = 504, "upstream_connect_timeout"
+                    detail = "connecting to the function timed out"
+                else:
+                    status, code = 502, "upstream_unreachable"
+                    detail = "could not connect to the function endpoint"
+                gw.count_error(code)
+                await self.send_error(status, code, detail, rid, close=not keep)
+                return None
+            self.upconn = conn
+            try:
+                await conn.transport.send_all(first)
+            except OSError:
+                pool.release(conn, False)
+                self.upconn = None
+                gw.count_error("upstream_reset")
+                await self.send_error(
+                    502, "upstream_reset", "upstream connection failed", rid, close=not keep
+                )
+                return None
+            return conn, pool, first
+        return None
 
     async def _stream_request_body(self, ut, reader, remaining: int, lim, max_body: int):  # type: ignore[no-untyped-def]
         """Client -> upstream until the body ends; returns (buf, pos) with what the client

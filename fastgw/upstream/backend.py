@@ -40,14 +40,26 @@ class Backend:
         else:
             self.pick = self._least_outstanding
 
+    def pick_other(self, avoid: Pool) -> Pool:
+        """An endpoint other than ``avoid`` for a retry (the least busy of the others
+        that are not ejected), or ``avoid`` itself when it is the only one."""
+        others = [p for p in self.pools if p is not avoid]
+        if not others:
+            return avoid
+        live = [p for p in others if not p.ejected()] or others
+        return min(live, key=lambda p: p.outstanding)
+
     def _only(self) -> Pool:
         return self.pools[0]
 
     def _round_robin(self) -> Pool:
         pools = self.pools
-        i = self._next
-        self._next = i + 1 if i + 1 < len(pools) else 0
-        return pools[i]
+        for _ in range(len(pools)):
+            i = self._next
+            self._next = i + 1 if i + 1 < len(pools) else 0
+            if not pools[i].ejected_until or not pools[i].ejected():
+                return pools[i]
+        return pools[self._next]
 
     def _least_outstanding(self) -> Pool:
         pools = self.pools
@@ -57,6 +69,18 @@ class Backend:
         if j >= i:
             j += 1  # two distinct endpoints
         a, b = pools[i], pools[j]
+        if a.ejected_until or b.ejected_until:
+            # An endpoint that just refused connections sits out its ejection time
+            # (unless all do: then traffic goes on, as Envoy's panic threshold does).
+            ea, eb = a.ejected(), b.ejected()
+            if ea and eb:
+                live = [p for p in pools if not p.ejected()]
+                if live:
+                    return min(live, key=lambda p: p.outstanding)
+            elif ea:
+                return b
+            elif eb:
+                return a
         return a if a.outstanding <= b.outstanding else b
 
     def expire_idle(self, now: float) -> int:

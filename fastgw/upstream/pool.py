@@ -30,6 +30,13 @@ from fastgw.transport import PlainTransport, TLSTransport
 REUSE_CHECK_AFTER_S = 1.0
 
 
+# Ejection after a failed connect: 1 s, doubling per consecutive failure, at most 30 s
+# (Envoy's outlier detection defaults: base_ejection_time 30 s; shorter here because a
+# function that is down often comes back within seconds, e.g. after a deploy).
+EJECT_BASE_S = 1.0
+EJECT_MAX_S = 30.0
+
+
 class UpstreamConnectError(Exception):
     """The gateway could not open a connection to an endpoint; nothing was sent."""
 
@@ -82,6 +89,7 @@ def make_client_tls_context(backend: BackendConfig) -> ssl.SSLContext:
 class Pool:
     __slots__ = (
         "_busy",
+        "_connect_failures",
         "_created",
         "_dropped_dead",
         "_idle",
@@ -90,6 +98,8 @@ class Pool:
         "_waits",
         "backend",
         "closed",
+        "ejected_until",
+        "ejections",
         "endpoint",
         "host_header",
         "idle_timeout_s",
@@ -119,6 +129,19 @@ class Pool:
         self._dropped_dead = 0
         self._lot = trio.lowlevel.ParkingLot()
         self.closed = False
+        # Passive ejection: after consecutive connect failures the endpoint sits out
+        # EJECT_BASE_S x 2^(n-1), capped at EJECT_MAX_S; a success resets the count.
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self._connect_failures = 0
+
+    def ejected(self) -> bool:
+        if not self.ejected_until:
+            return False
+        if trio.current_time() >= self.ejected_until:
+            self.ejected_until = 0.0
+            return False
+        return True
 
     @property
     def outstanding(self) -> int:
@@ -226,9 +249,20 @@ class Pool:
             with trio.fail_after(self.backend.connect_timeout_s):
                 transport = await self._connect()
         except trio.TooSlowError:
+            self._connect_failed()
             raise UpstreamConnectError(ep, "connect timeout", timeout=True) from None
+        except UpstreamConnectError:
+            self._connect_failed()
+            raise
+        self._connect_failures = 0
         self._created += 1
         return UpstreamConn(self, transport)
+
+    def _connect_failed(self) -> None:
+        self._connect_failures += 1
+        n = self._connect_failures
+        self.ejections += 1
+        self.ejected_until = trio.current_time() + min(EJECT_MAX_S, EJECT_BASE_S * 2 ** (n - 1))
 
     async def _connect(self) -> PlainTransport:
         ep = self.endpoint
