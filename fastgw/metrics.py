@@ -99,11 +99,17 @@ class GatewayCollector(Collector):
             "Pooled connections found closed by the upstream when reused",
             labels=["backend", "endpoint"],
         )
+        ejections = CounterMetricFamily(
+            "fastgw_upstream_ejections",
+            "Times an endpoint was taken out of balancing after refusing connections",
+            labels=["backend", "endpoint"],
+        )
         for b in list(state.backends.values()):
             _histogram(fb, [b.name], b.first_byte)
             for p in b.pools:
                 st = p.statistics()
                 lab = [b.name, p.endpoint.url]
+                ejections.add_metric(lab, p.ejections)
                 conns.add_metric([*lab, "idle"], st.idle)
                 conns.add_metric([*lab, "busy"], st.busy)
                 created.add_metric(lab, st.created)
@@ -114,6 +120,7 @@ class GatewayCollector(Collector):
         yield created
         yield waits
         yield dead
+        yield ejections
 
         down = GaugeMetricFamily(
             "fastgw_downstream_connections", "Open client connections", value=len(gw.connections)
