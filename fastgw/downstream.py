@@ -633,22 +633,15 @@ class Downstream:
         route.duration.observe(dur)
         audit = gw.audit
         if audit is not None and (status >= 400 or audit.sample >= 1.0 or audit.wants_success()):
-            # Appended as a plain tuple (fields in fastgw.audit.FIELDS order): formatting
-            # happens in the core, in the audit task, off this request.
-            ident = self.identity
-            audit.pending.append(
-                (
-                    self.t0, rid, self.peer_ip, route.name, backend.name, pool.endpoint.url,
-                    status, "allow", self.decision_reason,
-                    None if ident is None else ident.subject or None,
-                    None if ident is None else ident.issuer,
-                    None if ident is None else ident.key,
-                    dur, fb_s,
-                    head.content_length if kind == BODY_LENGTH
-                    else (reader.body_bytes if reader is not None else 0),
-                    rh.content_length if ukind == BODY_LENGTH else None,
-                    retries, head.get(b"traceparent"),
-                )
+            # One typed call into a preallocated C record (fields in fastgw.audit.FIELDS
+            # order; see AuditRing.add): formatting happens in the audit task.
+            audit.ring.add(
+                self.t0, rid, self.peer_ip, route.name, backend.name, pool.endpoint.url,
+                status, "allow", self.decision_reason, self.identity, dur, fb_s,
+                head.content_length if kind == BODY_LENGTH
+                else (reader.body_bytes if reader is not None else 0),
+                rh.content_length if ukind == BODY_LENGTH else None,
+                retries, head.get(b"traceparent"),
             )  # fmt: skip
         return buf, pos, keep
 
@@ -921,12 +914,10 @@ class Downstream:
             self.gw.unrouted_counts[status // 100] += 1
         audit = self.gw.audit
         if audit is not None:
-            audit.record(
-                (
-                    self.t0, rid, self.peer_ip, route.name if route else None,
-                    route.backend.name if route and route.backend else None, None, status,
-                    decision, code, *self._who(), dur, None, None, None, 0, None,
-                )
+            audit.ring.add(
+                self.t0, rid, self.peer_ip, route.name if route else None,
+                route.backend.name if route and route.backend else None, None, status,
+                decision, code, self.identity, dur, None, None, None, 0, None,
             )  # fmt: skip
         try:
             await self.t.send_all(

@@ -1,16 +1,22 @@
-"""The audit log: one JSON line per exchange, sampling, reopen for rotation."""
+"""The audit log: one JSON line per exchange, sampling, reopen for rotation, the caller's
+identity, a full ring and a failed write."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import socket
+import time
 from pathlib import Path
 
+import pytest
 import trio
 
+from fastgw import audit
+from fastgw.config import load_config
 from fastgw.config.model import AuditConfig, RouteConfig
 from fastgw.gateway import Gateway
+from fastgw.identity import hash_api_key
 from tests.e2e.helpers import Client, Upstream, endpoint, make_config
 
 
@@ -96,3 +102,79 @@ async def test_reopen_after_rotation(nursery: trio.Nursery, tmp_path: Path) -> N
     gw.audit.flush()
     assert len(read(tmp_path / "audit.log.1")) == 1
     assert len(read(tmp_path / "audit.log")) == 1
+
+
+async def test_identity_of_the_caller(nursery: trio.Nursery, tmp_path: Path) -> None:
+    up = Upstream()
+    uport = await nursery.start(up.serve)
+    (tmp_path / "gateway.toml").write_text(
+        f"""
+[audit]
+path = "audit.log"
+[api_keys]
+header = "X-Api-Key"
+[[api_keys.keys]]
+name = "batch"
+sha256 = "{hash_api_key(b"s3cret-key")}"
+attributes = {{ team = "billing" }}
+[[policies]]
+name = "billing"
+routes = ["orders"]
+[[policies.rules]]
+effect = "allow"
+key_attributes = {{ team = "billing" }}
+[[listeners]]
+name = "main"
+address = "127.0.0.1:0"
+[backends.fn]
+endpoints = ["http://127.0.0.1:{uport}"]
+[[routes]]
+name = "orders"
+path_prefix = "/orders"
+backend = "fn"
+"""
+    )
+    gw = Gateway(load_config(tmp_path / "gateway.toml"))
+    port = (await nursery.start(gw.serve))[0][1]
+    c = await Client.open(port)
+    assert (await c.request(b"GET", b"/orders/1", [(b"X-Api-Key", b"s3cret-key")])).status == 200
+    assert (await c.request(b"GET", b"/orders/2")).status == 401
+    assert gw.audit is not None
+    gw.audit.flush()
+    ok, denied = read(tmp_path / "audit.log")
+    who = ("subject", "issuer", "key", "decision")
+    assert [ok[k] for k in who] == ["batch", None, "batch", "allow"]
+    assert [denied[k] for k in who] == [None, None, None, "deny"]
+
+
+def test_full_ring_drops_the_oldest_and_counts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit, "MAX_PENDING", 2)
+    log = audit.AuditLog(AuditConfig(enabled=True, path=str(tmp_path / "audit.log")))
+    for i in range(3):
+        log.ring.add(
+            time.perf_counter(), b"r%d" % i, b"10.0.0.1", "ok", "fn", None, 200, "allow", None,
+            None, 0.001, None, 0, 2, 0, None,
+        )  # fmt: skip
+    assert log.flush() == 2
+    assert [x["request_id"] for x in read(tmp_path / "audit.log")] == ["r1", "r2"]
+    assert (log.written, log.dropped) == (2, 1)
+    assert abs(read(tmp_path / "audit.log")[0]["time"] - time.time()) < 60  # wall time
+
+
+def test_write_failure_counts_the_lines_and_empties_the_ring(tmp_path: Path) -> None:
+    log = audit.AuditLog(AuditConfig(enabled=True, path=str(tmp_path / "gone" / "audit.log")))
+    log.ring.add(
+        0.0, b"r", b"10.0.0.1", None, None, None, 404, "error", "no_route", None, 0.001, None,
+        None, None, 0, None,
+    )  # fmt: skip
+    assert log.flush() == 0
+    assert (log.written, log.dropped, len(log.ring)) == (0, 1, 0)
+    (tmp_path / "gone").mkdir()  # the next flush reopens the file
+    log.ring.add(
+        0.0, b"r", b"10.0.0.1", None, None, None, 404, "error", "no_route", None, 0.001, None,
+        None, None, 0, None,
+    )  # fmt: skip
+    assert log.flush() == 1
+    assert read(tmp_path / "gone" / "audit.log")[0]["reason"] == "no_route"
