@@ -790,13 +790,6 @@ class Downstream:
             lim.counts[0] += 1
         return None
 
-    def _who(self) -> tuple[str | None, str | None, str | None]:
-        """(subject, issuer, key) for the audit log."""
-        ident = self.identity
-        if ident is None:
-            return None, None, None
-        return ident.subject or None, ident.issuer, ident.key
-
     async def _authorize(self, state, head, route: Route, rid: bytes):  # type: ignore[no-untyped-def]
         """Establish who calls and decide whether they may. Returns the identity field
         lines for the upstream head (b"" when there are none), or False after answering
