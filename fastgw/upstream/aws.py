@@ -35,7 +35,7 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from fastgw.upstream._fetch import FetchError, fetch
+from fastgw._fetch import FetchError, fetch
 from fastgw.upstream.credentials import (
     FILE_POLL_INTERVAL_S,
     CredentialError,

@@ -32,7 +32,7 @@ from urllib.parse import quote, urlencode
 
 import jwt
 
-from fastgw.upstream._fetch import FetchError, Response, fetch
+from fastgw._fetch import FetchError, Response, fetch
 from fastgw.upstream.credentials import (
     CredentialError,
     TokenCredential,

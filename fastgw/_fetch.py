@@ -1,12 +1,14 @@
-"""A tiny HTTP/1.1 client for credential endpoints: metadata servers, token endpoints,
-container credential endpoints. Cold path only.
+"""A tiny HTTP/1.1 client for the cold path: OIDC discovery documents and JWKS
+(``fastgw.identity``), metadata servers, token endpoints and container credential
+endpoints (``fastgw.upstream``). Never used per request.
 
 Strategy: one request per connection (``Connection: close``), trio streams, h11 for the
-protocol. A credential is fetched once per refresh period (minutes to an hour apart), so
-simplicity wins over pooling. Everything is bounded: the whole exchange by ``timeout_s``,
+protocol. Keys and credentials are fetched once per refresh period (minutes to an hour
+apart), so simplicity wins over pooling. Everything is bounded: the whole exchange by ``timeout_s``,
 the response body by ``max_body_bytes``, the head by h11's incomplete-event limit.
-Redirects are not followed: a credential endpoint that redirects is misconfigured, and
-following one would send our metadata headers or assertion somewhere else.
+Redirects are not followed: a key or credential endpoint that redirects is
+misconfigured, and following one would let a 3xx pick where keys come from, or send our
+metadata headers or assertion somewhere else.
 
 TLS is always verified (``ssl.create_default_context``); ``ssl_context`` replaces it.
 Plain ``http://`` is refused unless the host is loopback or named in ``http_hosts``: the
@@ -15,8 +17,7 @@ metadata and container endpoints (``metadata.google.internal``, ``169.254.169.25
 name them explicitly.
 
 ``fetch`` raises ``FetchError`` (a readable reason without secrets) and nothing else on
-network or protocol trouble; anything else escaping is a bug. The identity package has a
-GET-only sibling for JWKS; this one also POSTs (token endpoint) and PUTs (IMDSv2).
+network or protocol trouble; anything else escaping is a bug.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 import h11
 import trio
 
-__all__ = ["FetchError", "Response", "check_url", "fetch"]
+__all__ = ["FetchError", "Response", "check_url", "fetch", "is_loopback"]
 
 # 16 KiB of response head: h11's default limit; these endpoints send well under 1 KiB.
 MAX_HEAD_BYTES = 16384
@@ -60,7 +61,7 @@ class Response:
         return found
 
 
-def _is_loopback(host: str) -> bool:
+def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
     try:
@@ -89,7 +90,7 @@ def check_url(url: str, http_hosts: Collection[str] = ()) -> str | None:
     if port == 0:
         return "URL port must be 1-65535"
     host = parts.hostname
-    if parts.scheme == "http" and not _is_loopback(host) and host not in http_hosts:
+    if parts.scheme == "http" and not is_loopback(host) and host not in http_hosts:
         return (
             f"URL scheme must be https (http:// is allowed for loopback and {_names(http_hosts)})"
         )
@@ -110,9 +111,12 @@ async def fetch(
     timeout_s: float,
     max_body_bytes: int = MAX_BODY_BYTES,
     http_hosts: Collection[str] = (),
+    user_agent: str = USER_AGENT,
+    checked: bool = False,
 ) -> Response:
-    """Send one request and return the whole response (any status). Raises FetchError."""
-    problem = check_url(url, http_hosts)
+    """Send one request and return the whole response (any status). Raises FetchError.
+    ``checked``: the caller has vetted ``url`` with its own policy already."""
+    problem = None if checked else check_url(url, http_hosts)
     if problem is not None:
         raise FetchError(problem)
     parts = urlsplit(url)
@@ -126,7 +130,7 @@ async def fetch(
         authority += f":{parts.port}"
     fields = [
         ("Host", authority),
-        ("User-Agent", USER_AGENT),
+        ("User-Agent", user_agent),
         ("Connection", "close"),
         *headers,
     ]
