@@ -227,6 +227,7 @@ cdef extern from *:
     int64_t fgw_rescale_ceil(int64_t x, int64_t num, int64_t den, int64_t cap) noexcept nogil
     int64_t fgw_to_ns(double s) noexcept nogil
     void* fgw_alloc_slots(size_t nbytes) noexcept nogil
+    void __builtin_prefetch(const void* p) noexcept nogil
 
 # ---------------------------------------------------------------------------------------
 # Bounds (mirrored in bucket.pyi). Each says where its number comes from.
@@ -668,6 +669,10 @@ cdef class BucketTable:
         cdef uint64_t i = fgw_fastrange(h, self.cap)
         cdef uint32_t tag = <uint32_t>h
         cdef Slot* s
+        if i + 3 < self.cap:
+            __builtin_prefetch(&self.slots[i + 1])
+            __builtin_prefetch(&self.slots[i + 2])
+            __builtin_prefetch(&self.slots[i + 3])
         while True:
             s = &self.slots[i]
             if s.policy == 0:
