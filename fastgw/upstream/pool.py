@@ -17,11 +17,15 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import trio
 
 from fastgw.config.model import BackendConfig, Endpoint
 from fastgw.transport import PlainTransport, TLSTransport
+
+if TYPE_CHECKING:
+    from fastgw.upstream.retry import EndpointTrack
 
 # A pooled connection idle for less than this is reused without first peeking for a FIN:
 # function front ends close idle connections after seconds to minutes (nginx 75 s, Node
@@ -106,6 +110,7 @@ class Pool:
         "max_size",
         "path_prefix",
         "tls_context",
+        "track",  # retries/hedging (fastgw/upstream/retry.py), see below
     )
 
     def __init__(
@@ -134,6 +139,9 @@ class Pool:
         self.ejected_until = 0.0
         self.ejections = 0
         self._connect_failures = 0
+        # Recent first-byte latencies, kept by fastgw/upstream/retry.py for routes that
+        # hedge (None until one does).
+        self.track: EndpointTrack | None = None
 
     def ejected(self) -> bool:
         if not self.ejected_until:
@@ -257,6 +265,18 @@ class Pool:
         self._connect_failures = 0
         self._created += 1
         return UpstreamConn(self, transport)
+
+    # -- for retries and hedging (fastgw/upstream/retry.py) ------------------------------
+
+    def idle_for_s(self, now: float) -> float | None:
+        """How long since this endpoint's last exchange ended: None while a connection
+        is busy, inf when there is no connection at all."""
+        if self._busy:
+            return None
+        idle = self._idle
+        if not idle:
+            return float("inf")
+        return now - idle[-1].idle_since
 
     def _connect_failed(self) -> None:
         self._connect_failures += 1
