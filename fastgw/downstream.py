@@ -351,14 +351,27 @@ class Downstream:
         elif state.config.identity.authorization == "move":
             id_extra = _moved_authorization(head)
         if route.limits:
-            over = self._over_limit(route, head)
+            over = (
+                await self._over_limit_shared(route, head)
+                if route.limits_shared
+                else self._over_limit(route, head)
+            )
             if over is not None:
                 lim, wait_s = over
+                if wait_s is None:  # a tiered limit, and the caller has no tier
+                    gw.count_error("no_tier")
+                    self.decision_reason = f"rate limit {lim.name}: no tier"
+                    await self.send_error(
+                        403, "no_tier", f"the caller has no tier of the rate limit {lim.name}",
+                        rid, close=kind != BODY_NONE, decision="deny",
+                    )  # fmt: skip
+                    return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
                 gw.count_error("rate_limited")
                 self.decision_reason = f"rate limit {lim.name}"
                 await self.send_error(
                     429, "rate_limited", f"over the rate limit {lim.name}", rid,
-                    close=kind != BODY_NONE, extra=lim.answer_fields(wait_s), decision="limit",
+                    close=kind != BODY_NONE, extra=lim.answer_fields(wait_s, self.identity),
+                    decision="limit",
                 )  # fmt: skip
                 return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         max_body = route.max_body_bytes
@@ -777,10 +790,69 @@ class Downstream:
         if table is None:
             return None
         now = self.gw.clock.current_time()
+        if route.limits_tiered:
+            return self._over_limit_tiered(route, head, table, now)
         for lim in route.limits:
             wait = table.take(
                 lim.key(self.identity, self.peer_ip, head), 1, now, lim.rate, lim.burst
             )
+            if wait > 0.0:
+                if lim.shadow:
+                    lim.counts[2] += 1
+                    continue
+                lim.counts[1] += 1
+                return lim, wait
+            lim.counts[0] += 1
+        return None
+
+    def _over_limit_tiered(self, route: Route, head, table, now: float):  # type: ignore[no-untyped-def]
+        """``_over_limit`` for routes with a tiered limit: (limit, None) when the
+        caller has no tier of it (403)."""
+        identity = self.identity
+        for lim in route.limits:
+            if lim.tiered:
+                tier = lim.tier_for(identity)
+                if tier is None:
+                    lim.counts[1] += 1
+                    return lim, None
+                wait = table.take(
+                    lim.key(identity, self.peer_ip, head), 1, now, tier.rate, tier.burst
+                )
+            else:
+                wait = table.take(
+                    lim.key(identity, self.peer_ip, head), 1, now, lim.rate, lim.burst
+                )
+            if wait > 0.0:
+                if lim.shadow:
+                    lim.counts[2] += 1
+                    continue
+                lim.counts[1] += 1
+                return lim, wait
+            lim.counts[0] += 1
+        return None
+
+    async def _over_limit_shared(self, route: Route, head):  # type: ignore[no-untyped-def]
+        """``_over_limit`` with the buckets in Redis: every limit of the route in one
+        round trip (``take_many``; an enforced limit that refuses ends the batch). Until
+        the gateway has a Redis client (the moment a reload switches stores), the local
+        table answers."""
+        shared = self.gw.redis_limits
+        if shared is None:
+            return self._over_limit(route, head)
+        identity = self.identity
+        peer_ip = self.peer_ip
+        takes = []
+        for lim in route.limits:
+            if lim.tiered:
+                tier = lim.tier_for(identity)
+                if tier is None:
+                    lim.counts[1] += 1
+                    return lim, None
+                takes.append((lim.key(identity, peer_ip, head), 1, tier.rate, tier.burst))
+            else:
+                takes.append((lim.key(identity, peer_ip, head), 1, lim.rate, lim.burst))
+        waits = await shared.take_many(takes, stop=route.limit_stops)
+        for lim, wait in zip(route.limits, waits, strict=False):
             if wait > 0.0:
                 if lim.shadow:
                     lim.counts[2] += 1

@@ -43,7 +43,9 @@ if TYPE_CHECKING:
     # Imported where used: a gateway without an admin listener or token issuers does
     # not load prometheus-client, cryptography and PyJWT (about 12 MiB of RSS).
     from fastgw.admin import AdminServer
+    from fastgw.config.model import LimitsStoreConfig
     from fastgw.identity import Verifier
+    from fastgw.policy.redis_limits import RedisBuckets
 
 log = logging.getLogger("fastgw")
 
@@ -172,6 +174,13 @@ class Gateway:
         self.identity_info: dict[object, tuple[str | None, bytes]] = {}
         # Rate-limit buckets: the gateway's, not a config's, so a reload keeps them.
         self.buckets = BucketTable(config.max_limit_keys) if config.rate_limits else None
+        # [limits_store] type = "redis": the shared buckets, whose client runs in the
+        # serve nursery (None until serve starts, and with the local store). Its
+        # connection may be borrowed for other scripts (``redis_limits.client``). A
+        # reload with the same store keeps it; another store replaces it.
+        self.redis_limits: RedisBuckets | None = None
+        self._redis_store: LimitsStoreConfig | None = None
+        self._redis_scope: trio.CancelScope | None = None
         # The clock rate limits read (trio's, so the mock clock drives the tests); bound
         # once, since trio.current_time() walks three Python calls.
         self.clock: Any = None
@@ -256,6 +265,7 @@ class Gateway:
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)
                 self._start_verifier(self.state)
+                self._apply_limits_store(self.state.config)
                 admin_cfg = self.state.config.admin
                 if admin_cfg is not None:
                     from fastgw.admin import AdminServer
@@ -265,6 +275,9 @@ class Gateway:
                     self.admin_address = self._admin.address
                 task_status.started(self.addresses)
         finally:
+            self.redis_limits = None
+            self._redis_store = None
+            self._redis_scope = None
             if self._admin is not None:
                 self._admin.close()
                 self._admin = None
@@ -316,6 +329,8 @@ class Gateway:
                 if scope is not None:
                     scope.cancel()
             self._start_verifier(state)
+        if self._redis_scope is not None or config.limits_store.type == "redis":
+            self._apply_limits_store(config)
         self.reloads_ok += 1
         self.last_reload_ok_unix = time.time()
 
@@ -340,6 +355,50 @@ class Gateway:
                     lst.close()
             raise
         return out
+
+    def _apply_limits_store(self, config: GatewayConfig) -> None:
+        """Open, keep or replace the Redis client of the shared rate limits (a changed
+        store opens a new client, which is in place at once and answers by its failure
+        policy until it has connected; the old one's connection closes)."""
+        store = config.limits_store
+        if store.type != "redis":
+            store_or_none = None
+        else:
+            store_or_none = store
+        if store_or_none == self._redis_store and (
+            store_or_none is None or self.redis_limits is not None
+        ):
+            return
+        if self._redis_scope is not None:
+            self._redis_scope.cancel()
+            self._redis_scope = None
+        self.redis_limits = None
+        self._redis_store = store_or_none
+        if store_or_none is None:
+            return
+        from fastgw.policy.redis_limits import redis_buckets
+
+        if self.buckets is None:
+            self.buckets = BucketTable(config.max_limit_keys)
+        shared = redis_buckets(
+            store.address,
+            password=store.password,
+            username=store.username,
+            db=store.database,
+            prefix=store.prefix.encode(),
+            timeout_s=store.timeout_s,
+            on_failure=store.on_failure,
+            local=self.buckets,  # on_failure = "local" takes from the gateway's own table
+        )
+        scope = trio.CancelScope()
+        self._redis_scope = scope
+        self.redis_limits = shared
+
+        async def run() -> None:
+            with scope:
+                await shared.client.run()
+
+        self._nursery.start_soon(run)
 
     def _start_verifier(self, state: GatewayState) -> None:
         """Run the state's key fetchers (if it has a verifier not running yet) in their

@@ -56,7 +56,10 @@ class Route:
         "host_suffixes",
         "hosts",
         "json_name",
+        "limit_stops",
         "limits",
+        "limits_shared",
+        "limits_tiered",
         "max_body_bytes",
         "methods",
         "name",
@@ -91,6 +94,10 @@ class Route:
         self.limits = route_limits(
             gw_config.rate_limits, config.name, limit_counts if limit_counts is not None else {}
         )
+        # How the request path takes from them: decided here, once (downstream.py).
+        self.limits_tiered = any(lim.tiered for lim in self.limits)
+        self.limits_shared = bool(self.limits) and gw_config.limits_store.type == "redis"
+        self.limit_stops = tuple(not lim.shadow for lim in self.limits)
         self.name = config.name
         self.backend = backend
         # Counters outlive a reload when the route keeps its name (metrics stay monotonic).

@@ -52,6 +52,8 @@ from fastgw.config.model import (
     HeaderActions,
     IdentityConfig,
     Limits,
+    LimitsStoreConfig,
+    LimitTier,
     ListenerConfig,
     PolicyConfig,
     PolicyRule,
@@ -68,7 +70,7 @@ Problem = tuple[str, str, str]
 
 _ROOT_KEYS = (
     "include", "gateway", "limits", "admin", "audit", "identity", "listeners", "backends",
-    "routes", "issuers", "api_keys", "policies", "rate_limits",
+    "routes", "issuers", "api_keys", "policies", "rate_limits", "limits_store",
 )  # fmt: skip
 _ADMIN_KEYS = ("address",)
 _AUDIT_KEYS = ("enabled", "path", "sample_success")
@@ -77,7 +79,12 @@ _INCLUDED_KEYS = (
     "include", "listeners", "backends", "routes", "issuers", "api_keys", "policies",
     "rate_limits",
 )  # fmt: skip
-_LIMIT_KEYS = ("name", "rate_per_s", "burst", "key", "routes", "mode")
+_LIMIT_KEYS = ("name", "rate_per_s", "burst", "key", "routes", "mode", "tier", "tier_map", "tiers")
+_TIER_RE = re.compile(r"claim:[A-Za-z0-9_.:-]+\Z")
+_STORE_KEYS = (
+    "type", "address", "database", "prefix", "timeout_s", "on_failure", "username",
+    "password_file", "password_env",
+)  # fmt: skip
 _LIMIT_KEY_RE = re.compile(
     r"(identity|ip|route|header:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|claim:[A-Za-z0-9_.:-]+)\Z"
 )
@@ -418,6 +425,10 @@ class _Builder:
                 admin = _table(self, file, "admin", data["admin"])
                 if admin is not None:
                     self._admin(file, admin)
+            if "limits_store" in data:
+                store = _table(self, file, "limits_store", data["limits_store"])
+                if store is not None:
+                    self._limits_store(file, base_dir, store)
             if "audit" in data:  # no [audit] table: no audit log
                 audit = _table(self, file, "audit", data["audit"])
                 if audit is not None:
@@ -456,7 +467,7 @@ class _Builder:
         limits_ = _array_of_tables(self, file, "rate_limits", data.get("rate_limits", []))
         for i, item in enumerate(limits_):
             if item is not None:
-                self._rate_limit(file, f"rate_limits[{i}]", item)
+                self._rate_limit(file, f"rate_limits[{i}]", item, base_dir)
         policies = _array_of_tables(self, file, "policies", data.get("policies", []))
         for i, item in enumerate(policies):
             if item is not None:
@@ -678,15 +689,25 @@ class _Builder:
                 for field_name, message in problems:
                     kr.bad(field_name or "sha256", message)
 
-    def _rate_limit(self, file: str, path: str, t: dict[str, Any]) -> None:
-        r = _Reader(self, file, path, t, _LIMIT_KEYS, "")
+    def _rate_limit(self, file: str, path: str, t: dict[str, Any], base_dir: str = "") -> None:
+        r = _Reader(self, file, path, t, _LIMIT_KEYS, base_dir)
         name = r.get_name()
         rate = r.get_number("rate_per_s", ("float", 0, False))
         burst = r.get_number("burst", ("float", 0, False))
-        if "rate_per_s" not in t:
-            r.bad("rate_per_s", "missing (required)")
-        if "burst" not in t:
-            r.bad("burst", "missing (required)")
+        tier = r.get_str("tier")
+        tiered = "tier" in t or "tiers" in t or "tier_map" in t
+        if tiered:
+            for k in ("rate_per_s", "burst"):
+                if k in t:
+                    r.bad(k, "not with tiers: set it per tier ([rate_limits.tiers.<name>])")
+        else:
+            if "rate_per_s" not in t:
+                r.bad("rate_per_s", "missing (required)")
+            if "burst" not in t:
+                r.bad("burst", "missing (required)")
+        tier_fields: dict[str, Any] = {}
+        if tiered:
+            tier_fields = self._tiers(r, tier)
         key = r.get_str("key") or "identity"
         if not _LIMIT_KEY_RE.match(key):
             r.bad(
@@ -694,14 +715,145 @@ class _Builder:
             )
         routes = _str_list(r, "routes", lambda _v: None)
         mode = r.get_choice("mode", ("enforce", "shadow")) or "enforce"
+        if tier_fields and r.ok and name is not None:
+            default = next((x for x in tier_fields["tiers"] if x.name == "default"), None)
+            rate = default.rate_per_s if default is not None else 0.0
+            burst = default.burst if default is not None else 0.0
         if r.ok and name is not None and rate is not None and burst is not None:
             self.rate_limits.append(
                 (
                     file,
                     path,
-                    RateLimitConfig(name, float(rate), float(burst), key, tuple(routes), mode),
+                    RateLimitConfig(
+                        name, float(rate), float(burst), key, tuple(routes), mode, **tier_fields
+                    ),
                 )
             )
+
+    def _tiers(self, r: _Reader, tier: str | None) -> dict[str, Any]:
+        """``tier``, ``tier_map`` and ``[rate_limits.tiers.<name>]`` of one limit."""
+        if tier is None and "tier" not in r.t:
+            r.bad(
+                "tier",
+                'missing (required with tiers): the claim naming the tier, e.g. "claim:plan"',
+            )
+        elif tier is not None and not _TIER_RE.match(tier):
+            r.bad("tier", f"must be claim:<name> (a claim or API key attribute), got {_q(tier)}")
+        tiers: list[LimitTier] = []
+        raw = r._get("tiers", False)
+        if raw is None:
+            r.bad("tiers", "missing (required with tier): at least one [rate_limits.tiers.<name>]")
+        elif not isinstance(raw, dict) or not raw:
+            r.bad("tiers", "expected a table of tiers: [rate_limits.tiers.<name>]")
+        else:
+            for tname, item in raw.items():
+                tpath = f"{r.path}.tiers.{_key(tname)}"
+                if not _NAME_RE.match(tname):
+                    r.bad_path(f"tiers.{_key(tname)}", _bad_name(tname))
+                    continue
+                table = _table(self, r.file, tpath, item)
+                if table is None:
+                    r.ok = False
+                    continue
+                tr = _Reader(self, r.file, tpath, table, ("rate_per_s", "burst"), "")
+                t_rate = tr.get_number("rate_per_s", ("float", 0, False))
+                t_burst = tr.get_number("burst", ("float", 0, False))
+                for k in ("rate_per_s", "burst"):
+                    if k not in table:
+                        tr.bad(k, "missing (required)")
+                if not tr.ok or t_rate is None or t_burst is None:
+                    r.ok = False
+                    continue
+                tiers.append(LimitTier(tname, float(t_rate), float(t_burst)))
+        map_file = r.get_file("tier_map")
+        map_obj = None
+        if map_file is not None:
+            map_obj = self._load_map(r, map_file, "str")
+            if map_obj is not None and raw is not None and r.ok:
+                names = {x.name for x in tiers}
+                for i in range(len(map_obj)):
+                    value = map_obj.entry(i)[1].decode("utf-8", "replace")
+                    if value not in names:
+                        src, line = map_obj.location(i)
+                        self.problem(
+                            src,
+                            line,
+                            f"value {_q(value)} is not a tier of {r.path} (map used by "
+                            f"{r.file}: {r.at('tier_map')}); "
+                            + _unknown_name("tier", value, sorted(names)),
+                        )
+                        r.ok = False
+        return {
+            "tier": tier,
+            "tier_map": map_file,
+            "tiers": tuple(tiers),
+            "tier_map_obj": map_obj,
+        }
+
+    def _limits_store(self, file: str, base_dir: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, "limits_store", t, _STORE_KEYS, base_dir)
+        kind = r.get_choice("type", ("local", "redis")) or "local"
+        address = r.get_str("address")
+        kw: dict[str, Any] = {"type": kind}
+        if kind == "redis":
+            if address is None and "address" not in t:
+                r.bad("address", 'missing (required with type = "redis"): host:port or unix:/path')
+        elif address is not None or "address" in t:
+            r.bad("address", 'only with type = "redis"')
+        if address is not None and kind == "redis":
+            if address.startswith("unix:"):
+                if len(address) <= 5:
+                    r.bad("address", "unix: needs a socket path, e.g. unix:/run/redis.sock")
+                else:
+                    kw["address"] = "unix:" + os.path.join(base_dir, address[5:])
+            else:
+                try:
+                    parse_address(address)
+                except ValueError as e:
+                    r.bad("address", f"{e}; use host:port or unix:/path")
+                else:
+                    kw["address"] = address
+        db = r.get_number("database", ("int", 0, True))
+        if db is not None:
+            kw["database"] = db
+        prefix = r.get_str("prefix")
+        if prefix is not None:
+            if prefix and all(0x21 <= ord(c) < 0x7F for c in prefix):
+                kw["prefix"] = prefix
+            else:
+                r.bad("prefix", 'must be visible ASCII without spaces, e.g. "fastgw:"')
+        timeout = r.get_number("timeout_s", ("float", 0, False))
+        if timeout is not None:
+            kw["timeout_s"] = timeout
+        on_failure = r.get_choice("on_failure", ("local", "open", "closed"))
+        if on_failure is not None:
+            kw["on_failure"] = on_failure
+        username = r.get_str("username")
+        pw_file = r.get_file("password_file")
+        pw_env = r.get_str("password_env")
+        if pw_file is not None and pw_env is not None:
+            r.bad("password_env", "set password_file or password_env, not both")
+        elif pw_file is not None:
+            with open(pw_file, "rb") as f:
+                kw["password"] = f.read().strip().decode("utf-8", "replace")
+            if not kw["password"]:
+                r.bad("password_file", f"{pw_file} is empty")
+        elif pw_env is not None:
+            value = os.environ.get(pw_env)
+            if not value:
+                r.bad("password_env", f"environment variable {pw_env} is not set")
+            else:
+                kw["password"] = value
+        if username is not None:
+            if "password" not in kw:
+                r.bad("username", "a Redis username needs password_file or password_env")
+            kw["username"] = username
+        if kind == "local":
+            for k in _STORE_KEYS[1:]:
+                if k in t and k != "address":
+                    r.bad(k, 'only with type = "redis"')
+        if r.ok:
+            self.gateway["limits_store"] = LimitsStoreConfig(**kw)
 
     def _policy(self, file: str, path: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, path, t, _POLICY_KEYS, "")

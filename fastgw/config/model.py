@@ -230,6 +230,41 @@ class RateLimitConfig:
     key: str = "identity"
     routes: tuple[str, ...] = ()
     mode: str = "enforce"
+    # Tiers: ``tier`` is ``claim:<name>`` (a token claim or an API key's attribute,
+    # dotted for nested claims) whose value names the caller's tier, through the map
+    # ``tier_map`` (value -> tier name) when one is given. A caller gets its tier's
+    # rate and burst; one without a known tier gets the tier named "default", or a 403
+    # when there is none. With tiers, ``rate_per_s``/``burst`` are the default tier's
+    # (0 when there is none).
+    tier: str | None = None
+    tier_map: str | None = None
+    tiers: tuple[LimitTier, ...] = ()
+    tier_map_obj: Any = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class LimitTier:
+    name: str
+    rate_per_s: float
+    burst: float
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsStoreConfig:
+    """Where rate-limit buckets live: ``local`` (this process's core table) or
+    ``redis`` (shared by every instance using the same Redis and prefix; see
+    fastgw/policy/redis_limits.py for the failure policies)."""
+
+    type: str = "local"
+    address: str = ""  # host:port or unix:/path
+    database: int = 0
+    prefix: str = "fastgw:"
+    # 50 ms: a loopback or LAN round trip is 0.1-0.5 ms; this only trips when Redis is
+    # stalled or gone, and bounds what a stall adds to a request.
+    timeout_s: float = 0.05
+    on_failure: str = "local"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,6 +288,7 @@ class GatewayConfig:
     # Buckets kept in memory (one per key per limit); idle full buckets are evicted
     # first, which loses nothing. 1M keys take about 80 MB.
     max_limit_keys: int = 1_000_000
+    limits_store: LimitsStoreConfig = field(default_factory=LimitsStoreConfig)
     # Which environment's policies apply ("dev", "prod", ...); FASTGW_ENV overrides it.
     environment: str = "default"
     source: str = "<objects>"  # the file it was loaded from, for messages

@@ -334,7 +334,14 @@ class RespClient:
         max_reply_bytes: int = MAX_REPLY_BYTES,
         on_connect: OnConnect | None = None,
     ) -> None:
-        self.host, self.port = parse_address(address)
+        # "unix:/path": a Unix socket (host is the path, port 0).
+        self.unix = address.startswith("unix:")
+        if self.unix:
+            if len(address) <= 5:
+                raise ValueError(f"{address!r} is not unix:/path")
+            self.host, self.port = address[5:], 0
+        else:
+            self.host, self.port = parse_address(address)
         if username is not None and password is None:
             raise ValueError("a Redis username needs a password")
         if not 0 <= db <= 1 << 20:
@@ -470,10 +477,14 @@ class RespClient:
         """One connection from open to close; True if it was published."""
         try:
             with trio.fail_after(self.connect_timeout_s):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(self.host, self.port)
+                stream: trio.abc.Stream = (
+                    await trio.open_unix_socket(self.host)
+                    if self.unix
+                    else await trio.open_tcp_stream(self.host, self.port)
+                )
         except (OSError, trio.TooSlowError) as e:
             self._n_connect_failures += 1
-            self.last_error = f"connect to {self.host}:{self.port}: {e!r}"
+            self.last_error = f"connect to {self._where()}: {e!r}"
             return False
         conn = _Connection(stream, self.max_reply_bytes, self._on_dead)
         published = False
@@ -487,7 +498,7 @@ class RespClient:
                         await self._handshake(conn)
                 except (RedisUnavailable, RespError, trio.TooSlowError) as e:
                     self._n_connect_failures += 1
-                    self.last_error = f"handshake with {self.host}:{self.port}: {e!r}"
+                    self.last_error = f"handshake with {self._where()}: {e!r}"
                     conn.die(self.last_error)
                 else:
                     self._conn = conn
@@ -500,6 +511,9 @@ class RespClient:
             conn.die("client closed")
             await trio.aclose_forcefully(stream)
         return published
+
+    def _where(self) -> str:
+        return f"unix:{self.host}" if self.unix else f"{self.host}:{self.port}"
 
     async def _handshake(self, conn: _Connection) -> None:
         async def call(*args: bytes | str | int) -> Reply:

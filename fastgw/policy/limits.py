@@ -8,6 +8,19 @@ and ``RateLimit-Policy`` fields (draft-ietf-httpapi-ratelimit-headers), or in sh
 mode only counts. The table belongs to the gateway, not to a config: a reload keeps
 every bucket, and a limit whose rate changed applies the new rate to the same bucket
 without refilling it (the core converts its state).
+
+Tiers. A limit with tiers takes its rate and burst from the caller's tier: the value of
+one claim (a token claim or an API key's attribute), looked up in a map when one is
+given, names it; a caller without a known tier gets the tier ``default``, or is refused
+(403) when there is none. The tier is resolved once per identity object and cached on
+the limit (a cached token yields the same object, as for the ACL's decisions), so a
+repeat caller pays one dict hit. The bucket's key does not include the tier: a caller
+whose tier changes keeps its bucket, converted to the new rate by the core (or the
+Redis script) without a refill.
+
+Store. Buckets live in the gateway's core table, or in Redis when ``[limits_store]``
+says so (``fastgw.policy.redis_limits``): the request path then makes one round trip
+per request for all of a route's limits (``take_many``).
 """
 
 from __future__ import annotations
@@ -16,14 +29,38 @@ import math
 from typing import TYPE_CHECKING, Any
 
 from fastgw.config.model import RateLimitConfig
+from fastgw.policy.acl import claim_value
 
 if TYPE_CHECKING:
     from fastgw.identity import Identity
 
+# Identities whose tier a limit remembers: past this the cache starts over (the ACL's
+# bound: a cached token is one entry, and the verifier's token cache holds 10k).
+_MAX_TIER_CACHE = 10_000
+_MISS: Any = object()
+
+
+def _policy_field(name: str, rate: float, burst: float) -> bytes:
+    window = max(1, math.ceil(burst / rate))
+    return f'"{name}";q={math.floor(burst)};w={window}'.encode()
+
+
+class Tier:
+    """One tier of a limit: its rate, burst and RateLimit-Policy field."""
+
+    __slots__ = ("burst", "name", "policy_field", "rate")
+
+    def __init__(self, limit: str, name: str, rate: float, burst: float) -> None:
+        self.name = name
+        self.rate = rate
+        self.burst = burst
+        self.policy_field = _policy_field(limit, rate, burst)
+
 
 class RouteLimit:
     __slots__ = (
-        "arg", "burst", "counts", "kind", "name", "policy_field", "prefix", "rate", "shadow",
+        "_tier_cache", "arg", "burst", "counts", "default_tier", "kind", "name",
+        "policy_field", "prefix", "rate", "shadow", "tier_claim", "tier_map", "tiered", "tiers",
     )  # fmt: skip
 
     def __init__(self, cfg: RateLimitConfig, counts: list[int] | None = None) -> None:
@@ -38,8 +75,43 @@ class RouteLimit:
         kind, _, arg = cfg.key.partition(":")
         self.kind = kind
         self.arg = arg.lower().encode() if kind == "header" else arg.encode()
-        window = max(1, math.ceil(cfg.burst / cfg.rate_per_s))
-        self.policy_field = f'"{cfg.name}";q={math.floor(cfg.burst)};w={window}'.encode()
+        self.tiered = cfg.tier is not None
+        self.tiers = {t.name: Tier(cfg.name, t.name, t.rate_per_s, t.burst) for t in cfg.tiers}
+        self.default_tier = self.tiers.get("default")
+        self.tier_claim = cfg.tier.partition(":")[2] if cfg.tier is not None else ""
+        self.tier_map = cfg.tier_map_obj
+        self._tier_cache: dict[Identity | None, Tier | None] = {}
+        if self.tiered:
+            # rate/burst are the default tier's (0 without one): only tier_for's answer
+            # is ever taken with.
+            self.policy_field = (
+                self.default_tier.policy_field if self.default_tier is not None else b""
+            )
+        else:
+            self.policy_field = _policy_field(cfg.name, cfg.rate_per_s, cfg.burst)
+
+    def tier_for(self, identity: Identity | None) -> Tier | None:
+        """The caller's tier (``default`` when it has no known one), None when it has
+        none and there is no default (refuse: 403). Cached per identity object."""
+        hit = self._tier_cache.get(identity, _MISS)
+        if hit is _MISS:
+            hit = self._resolve_tier(identity)
+            if len(self._tier_cache) >= _MAX_TIER_CACHE:
+                self._tier_cache.clear()
+            self._tier_cache[identity] = hit
+        return hit
+
+    def _resolve_tier(self, identity: Identity | None) -> Tier | None:
+        value = claim_value(identity.claims, self.tier_claim) if identity is not None else None
+        tier = None
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            name: str | None = str(value)
+            if self.tier_map is not None:
+                found = self.tier_map.lookup(str(value).encode())
+                name = found.decode() if found is not None else None
+            if name is not None:
+                tier = self.tiers.get(name)
+        return tier if tier is not None else self.default_tier
 
     def key(self, identity: Identity | None, peer_ip: bytes, head: Any) -> bytes:
         kind = self.kind
@@ -58,11 +130,17 @@ class RouteLimit:
         value = identity.claims.get(self.arg.decode()) if identity is not None else None
         return self.prefix + (b"-" if value is None else str(value).encode())
 
-    def answer_fields(self, wait_s: float) -> bytes:
+    def answer_fields(self, wait_s: float, identity: Identity | None = None) -> bytes:
+        """Retry-After and the RateLimit fields of a 429 (the caller's tier's quota)."""
         t = max(1, math.ceil(wait_s))
+        policy = self.policy_field
+        if self.tiered:
+            tier = self.tier_for(identity)
+            if tier is not None:
+                policy = tier.policy_field
         return b'Retry-After: %d\r\nRateLimit-Policy: %s\r\nRateLimit: "%s";r=0;t=%d\r\n' % (
             t,
-            self.policy_field,
+            policy,
             self.name.encode(),
             t,
         )

@@ -84,7 +84,6 @@ from fastgw.policy._resp import (
     RespClient,
     RespError,
     encode_command,
-    open_resp_client,
 )
 
 ON_FAILURE: Final = ("local", "open", "closed")
@@ -563,6 +562,42 @@ class RedisBuckets:
         return out
 
 
+async def _load_script(call: Callable[..., Any]) -> None:
+    sha = await call(b"SCRIPT", b"LOAD", LUA_GCRA)
+    if sha != LUA_GCRA_SHA1:
+        raise RespError(f"ERR SCRIPT LOAD gave {sha!r}, expected {LUA_GCRA_SHA1!r}")
+
+
+def redis_buckets(
+    address: str,
+    *,
+    password: str | None = None,
+    username: str | None = None,
+    db: int = 0,
+    connect_timeout_s: float = 1.0,
+    backoff_min_s: float = 0.1,
+    backoff_max_s: float = 5.0,
+    **kwargs: Any,
+) -> RedisBuckets:
+    """``RedisBuckets`` (keyword arguments as ``open_redis_buckets``) whose client is
+    not running yet: the caller runs ``buckets.client.run`` in its own nursery (the
+    gateway does, so that a reload can put the new object in place at once, without
+    awaiting). Until the client has connected, takes are answered by ``on_failure``.
+    Raises ValueError on bad arguments."""
+    client = RespClient(
+        address,
+        password=password,
+        username=username,
+        db=db,
+        timeout_s=kwargs.get("timeout_s", 0.05),
+        connect_timeout_s=connect_timeout_s,
+        backoff_min_s=backoff_min_s,
+        backoff_max_s=backoff_max_s,
+        on_connect=_load_script,
+    )
+    return RedisBuckets(client, **kwargs)
+
+
 @asynccontextmanager
 async def open_redis_buckets(
     address: str,
@@ -581,36 +616,31 @@ async def open_redis_buckets(
     closed_wait_s: float = 1.0,
     clock: Callable[[], float] | None = None,
 ) -> AsyncIterator[RedisBuckets]:
-    """``RedisBuckets`` over one pipelined connection to ``address`` (``host:port``),
-    kept up in the background (reconnects with backoff between ``backoff_min_s`` and
-    ``backoff_max_s``; each connection runs AUTH, SELECT and SCRIPT LOAD before use).
-    Does not wait for Redis: until it is connected, takes are answered by
-    ``on_failure`` (see ``RedisBuckets.wait_redis``). Raises ValueError on bad
-    arguments."""
-
-    async def load_script(call: Callable[..., Any]) -> None:
-        sha = await call(b"SCRIPT", b"LOAD", LUA_GCRA)
-        if sha != LUA_GCRA_SHA1:
-            raise RespError(f"ERR SCRIPT LOAD gave {sha!r}, expected {LUA_GCRA_SHA1!r}")
-
-    async with open_resp_client(
+    """``RedisBuckets`` over one pipelined connection to ``address`` (``host:port`` or
+    ``unix:/path``), kept up in the background (reconnects with backoff between
+    ``backoff_min_s`` and ``backoff_max_s``; each connection runs AUTH, SELECT and
+    SCRIPT LOAD before use). Does not wait for Redis: until it is connected, takes are
+    answered by ``on_failure`` (see ``RedisBuckets.wait_redis``). Raises ValueError on
+    bad arguments."""
+    buckets = redis_buckets(
         address,
         password=password,
         username=username,
         db=db,
-        timeout_s=timeout_s,
         connect_timeout_s=connect_timeout_s,
         backoff_min_s=backoff_min_s,
         backoff_max_s=backoff_max_s,
-        on_connect=load_script,
-    ) as client:
-        yield RedisBuckets(
-            client,
-            prefix=prefix,
-            timeout_s=timeout_s,
-            on_failure=on_failure,
-            local=local,
-            local_max_keys=local_max_keys,
-            closed_wait_s=closed_wait_s,
-            clock=clock,
-        )
+        prefix=prefix,
+        timeout_s=timeout_s,
+        on_failure=on_failure,
+        local=local,
+        local_max_keys=local_max_keys,
+        closed_wait_s=closed_wait_s,
+        clock=clock,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(buckets.client.run)
+        try:
+            yield buckets
+        finally:
+            nursery.cancel_scope.cancel()
