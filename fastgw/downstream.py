@@ -88,13 +88,26 @@ _REASONS = {
 
 
 def _upstream_head(d, state, head, route, pool, path: bytes, rid: bytes, id_extra):  # type: ignore[no-untyped-def]
-    """The head for ``pool``'s endpoint: its Host, its path prefix joined to ``path``."""
+    """The head for ``pool``'s endpoint: its Host, its path prefix joined to ``path``,
+    and its upstream credential (raises CredentialUnavailable when it has none valid)."""
     prefix = pool.path_prefix
     if prefix:
         path = prefix + (path[1:] if path == b"/" or path.startswith(b"/?") else path)
     extra = route.req_extra
     if id_extra:
         extra = extra + id_extra if extra else id_extra
+    strip = route.req_strip
+    creds = state.credentials
+    if creds:
+        cb = creds.get(pool)
+        if cb is not None:
+            # Pre-rendered per installed credential (SigV4: signed for this request);
+            # the caller's copies of the fields it sets are stripped.
+            lines = cb.lines(head, path, pool.host_header, d.gw.now, _wall(), d.payload_hash)
+            if lines is None:
+                raise CredentialUnavailable()
+            extra = extra + lines if extra else lines
+            strip = cb.strip_for(route)
     return build_request_head(
         head,
         target=path,
@@ -104,15 +117,24 @@ def _upstream_head(d, state, head, route, pool, path: bytes, rid: bytes, id_extr
         request_id=rid,
         xff_append=state.xff_append,
         via=state.via,
-        strip=route.req_strip,
+        strip=strip,
         extra=extra,
     )
 
 
-def _rebuild(d, retry, pool, first: bytes) -> bytes:  # type: ignore[no-untyped-def]
-    """``first`` (a head and the body bytes sent with it) rebuilt for another endpoint."""
+class CredentialUnavailable(Exception):
+    """The endpoint's upstream credential is missing or expired (never sent then)."""
+
+
+def _rebuild(d, retry, pool, first: bytes) -> bytes | None:  # type: ignore[no-untyped-def]
+    """``first`` (a head and the body bytes sent with it) rebuilt for another endpoint
+    (re-signed for it, with its own credential); None when that endpoint has no valid
+    credential (the caller stays where it was)."""
     state, head, route, path, rid, id_extra, head_len = retry
-    return _upstream_head(d, state, head, route, pool, path, rid, id_extra) + first[head_len:]
+    try:
+        return _upstream_head(d, state, head, route, pool, path, rid, id_extra) + first[head_len:]
+    except CredentialUnavailable:
+        return None
 
 
 def _header_lines(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
@@ -218,6 +240,7 @@ class Downstream:
         "identity",
         "idle",
         "linger",
+        "payload_hash",
         "peer_ip",
         "phase",
         "proto",
@@ -251,6 +274,8 @@ class Downstream:
         # Set when an error answer closes the connection: the gateway then drains what
         # the client still sends before closing, so the answer is not lost to a RST.
         self.linger = False
+        # SigV4 backends: the hex SHA-256 of the request body read whole (None: none).
+        self.payload_hash: bytes | None = None
 
     # -- the connection loop ------------------------------------------------------------
 
@@ -394,7 +419,19 @@ class Downstream:
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
 
         pool = backend.pick()
-        up_head = _upstream_head(self, state, head, route, pool, path, rid, id_extra)
+        if state.credentials:
+            # Upstream credential: waits for a first fetch; SigV4 reads the body whole.
+            got_cred = await self._credential_ready(state, head, route, pool, buf, pos, rid)
+            if got_cred is None:
+                return buf, pos, False
+            if got_cred is False:
+                return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+            buf = got_cred
+        try:
+            up_head = _upstream_head(self, state, head, route, pool, path, rid, id_extra)
+        except CredentialUnavailable:
+            await self._no_credential(rid, kind != BODY_NONE)
+            return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         # To send the same request to another endpoint (a retry): its head, then the body.
         retry = (state, head, route, path, rid, id_extra, len(up_head))
         bcfg = backend.config
@@ -523,8 +560,9 @@ class Downstream:
                 keep = head.keep_alive and not gw.draining
                 alt = pool if reused else backend.pick_other(pool)
                 if alt is not pool:
-                    first = _rebuild(self, retry, alt, first)
-                    pool = alt
+                    again = _rebuild(self, retry, alt, first)
+                    if again is not None:
+                        first, pool = again, alt
                 got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
                 if got is None:
                     return buf, pos, keep
@@ -690,6 +728,101 @@ class Downstream:
             upos = 0
             uscan = old - 3 if old > 3 else 0
 
+    async def _credential_ready(self, state, head, route, pool, buf: bytes, pos: int, rid: bytes):  # type: ignore[no-untyped-def]
+        """Before the head is built for a pool with an upstream credential: wait for
+        its first fetch (a cold start; bounded by the connect timeout) and, for SigV4,
+        read the body whole and hash it. Returns the buffer (the whole body after
+        ``pos``), False after answering 503 (the connection may be kept), or None after
+        answering (or losing) a client whose connection must close."""
+        cb = state.credentials.get(pool)
+        if cb is None:
+            return buf
+        gw = self.gw
+        if not cb.ready(gw.now) and cb.cold():
+            self.phase = UPSTREAM
+            self.deadline = gw.now + cb.wait_s + 1.0
+            with trio.move_on_after(cb.wait_s):
+                await cb.cache.wait_current()
+        if not cb.ready(gw.now):
+            await self._no_credential(rid, head.body_kind != BODY_NONE)
+            return False
+        if not cb.signs_body:
+            return buf
+        self.payload_hash = None
+        if head.body_kind == BODY_NONE:
+            return buf
+        return await self._read_signed_body(head, route, buf, pos, rid)
+
+    async def _read_signed_body(self, head, route, buf: bytes, pos: int, rid: bytes):  # type: ignore[no-untyped-def]
+        """Read the request body whole into the buffer and set ``payload_hash`` (SigV4
+        signs it: Lambda takes no unsigned payloads). Over the limit: 413."""
+        from fastgw.upstream.binding import MAX_SIGNED_BODY_BYTES
+        from fastgw.upstream.sigv4 import payload_sha256
+
+        gw = self.gw
+        t = self.t
+        lim = self.gw.state.limits
+        limit = MAX_SIGNED_BODY_BYTES
+        if route.max_body_bytes and route.max_body_bytes < limit:
+            limit = route.max_body_bytes
+        detail = f"request body over {limit} bytes (signed bodies are read whole)"
+        if head.body_kind == BODY_LENGTH and head.content_length > limit:
+            gw.count_error("body_too_large")
+            await self.send_error(413, "body_too_large", detail, rid, close=True)
+            return None
+        if head.expect_continue and pos >= len(buf):
+            await t.send_all(_CONTINUE)
+        acc = bytearray(buf)
+        self.phase = BODY
+        try:
+            if head.body_kind == BODY_LENGTH:
+                need = pos + head.content_length
+                while len(acc) < need:
+                    self.deadline = gw.now + lim.body_timeout_s
+                    data = await t.recv()
+                    if not data:
+                        raise ClientGone()
+                    acc += data
+                whole = bytes(acc)
+                self.payload_hash = payload_sha256(whole[pos:need])
+                return whole
+            reader = ChunkedReader(max_trailer_bytes=lim.max_head_bytes)
+            reader.scan(acc, pos)
+            while not reader.done:
+                if reader.body_bytes > limit:
+                    raise ProtocolError(detail, status=413)
+                self.deadline = gw.now + lim.body_timeout_s
+                data = await t.recv()
+                if not data:
+                    raise ClientGone()
+                acc += data
+                reader.scan(data)
+            if reader.body_bytes > limit:
+                raise ProtocolError(detail, status=413)
+            whole = bytes(acc)
+            # The payload is the body without its chunk framing (RFC 9112 7.1).
+            _, pieces = ChunkedReader(max_trailer_bytes=lim.max_head_bytes).decode(whole, pos)
+            self.payload_hash = payload_sha256(b"".join(pieces))
+            return whole
+        except ClientGone:
+            gw.count_error("client_gone")
+            return None
+        except ProtocolError as e:
+            code = "body_too_large" if e.status == 413 else "bad_request_body"
+            gw.count_error(code)
+            await self.send_error(e.status, code, e.detail, rid, close=True)
+            return None
+
+    async def _no_credential(self, rid: bytes, close: bool) -> None:
+        self.gw.count_error("upstream_credential_unavailable")
+        await self.send_error(
+            503,
+            "upstream_credential_unavailable",
+            "no valid credential for the function endpoint (its token source is failing)",
+            rid,
+            close=close,
+        )
+
     async def _upstream_piece(self, ut: PlainTransport, deadline_total: float, lim) -> bytes:  # type: ignore[no-untyped-def]
         bt = self.gw.now + lim.body_timeout_s
         self.deadline = bt if bt < deadline_total else deadline_total
@@ -712,10 +845,10 @@ class Downstream:
             except UpstreamConnectError as e:
                 if not e.saturated and not e.timeout and attempt == 0:
                     alt = backend.pick_other(pool)
-                    if alt is not pool:
+                    again = _rebuild(self, retry, alt, first) if alt is not pool else None
+                    if again is not None:
                         gw.count_error("connect_failed_retried")
-                        first = _rebuild(self, retry, alt, first)
-                        pool = alt
+                        first, pool = again, alt
                         continue
                 if e.saturated:
                     status, code = 503, "upstream_saturated"

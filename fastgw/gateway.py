@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from fastgw.config.model import LimitsStoreConfig
     from fastgw.identity import Verifier
     from fastgw.policy.redis_limits import RedisBuckets
+    from fastgw.upstream.credentials import CredentialRegistry
 
 log = logging.getLogger("fastgw")
 
@@ -62,6 +63,8 @@ class GatewayState:
     __slots__ = (
         "backends",
         "config",
+        "credential_keys",
+        "credentials",
         "environment",
         "has_identity",
         "iss_names",
@@ -76,7 +79,12 @@ class GatewayState:
     router: Router
     limit_counts: dict[str, list[int]]
 
-    def __init__(self, config: GatewayConfig, previous: GatewayState | None = None) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        previous: GatewayState | None = None,
+        registry: CredentialRegistry | None = None,
+    ) -> None:
         self.config = config
         self.limits = config.limits
         self.environment = os.environ.get("FASTGW_ENV") or config.environment
@@ -107,6 +115,17 @@ class GatewayState:
                 self.backends[name] = prev
             else:
                 self.backends[name] = Backend(bcfg, previous=prev)
+        # Upstream credentials by pool (empty without any: one truthiness test per
+        # request). Their caches live in the gateway's registry, shared across reloads.
+        self.credentials: dict[object, Any] = {}
+        self.credential_keys: set[Any] = set()
+        if any(b.credential is not None for b in config.backends.values()):
+            from fastgw.upstream.binding import build_bindings
+            from fastgw.upstream.credentials import CredentialRegistry
+
+            self.credentials, self.credential_keys = build_bindings(
+                config, self.backends, registry or CredentialRegistry()
+            )
         old_routes = {r.name: r for r in previous.router.routes} if previous else {}
         # Rate-limit counters by limit name, shared across routes, kept over reloads.
         limit_counts: dict[str, list[int]] = previous.limit_counts if previous else {}
@@ -142,7 +161,12 @@ class Gateway:
     """An embeddable fastgw instance. See the module docstring."""
 
     def __init__(self, config: GatewayConfig, *, reuse_port: bool = False) -> None:
-        self.state = GatewayState(config)
+        # Upstream credential caches, one per (type, source, audience), run in serve();
+        # a reload keeps the caches of unchanged keys (no refetch) and stops the rest.
+        from fastgw.upstream.credentials import CredentialRegistry
+
+        self.credentials = CredentialRegistry()
+        self.state = GatewayState(config, registry=self.credentials)
         # SO_REUSEPORT only when asked (--workers N): otherwise a second gateway started
         # on the same port by mistake would silently share it instead of failing.
         self.reuse_port = reuse_port
@@ -262,6 +286,7 @@ class Gateway:
                 self.clock = trio.lowlevel.current_clock()
                 self.trio_token = trio.lowlevel.current_trio_token()
                 nursery.start_soon(self._watchdog)
+                await nursery.start(self.credentials.run)
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)
                 self._start_verifier(self.state)
@@ -301,16 +326,18 @@ class Gateway:
         which case nothing changed."""
         fresh = self._bind_all(config.listeners, self._listeners)
         try:
-            state = GatewayState(config, previous=self.state)
+            state = GatewayState(config, previous=self.state, registry=self.credentials)
         except BaseException:
             for key, lst in fresh.items():
                 if key not in self._listeners:
                     lst.close()
+            self.credentials.retain(self.state.credential_keys)
             raise
         if self.buckets is None and config.rate_limits:
             self.buckets = BucketTable(config.max_limit_keys)
         old_state, old_listeners = self.state, self._listeners
         self.state = state
+        self.credentials.retain(state.credential_keys)
         self._listeners = fresh
         self._limiter.total_tokens = config.limits.max_connections
         for key, lst in old_listeners.items():

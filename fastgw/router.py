@@ -72,6 +72,7 @@ class Route:
         "replace_prefix",
         "req_extra",
         "req_strip",
+        "req_strip_spec",
         "resp_extra",
         "resp_strip",
         "rewrite",
@@ -150,11 +151,14 @@ class Route:
         auth_strip = () if ident.authorization == "pass" else (b"authorization",)
         # The identity namespace is stripped on every route, guarded or not: a client
         # must never be able to pose as an identity the gateway vouches for.
-        self.req_strip = StripSet(
-            names=ALWAYS_STRIP + auth_strip + tuple(n.encode() for n in rq.remove)
-            + tuple(k.lower().encode() for k, _ in rq.set),
-            prefixes=(ident.header_prefix.lower().encode(),),
+        strip_names = (
+            ALWAYS_STRIP + auth_strip + tuple(n.encode() for n in rq.remove)
+            + tuple(k.lower().encode() for k, _ in rq.set)
         )  # fmt: skip
+        strip_prefixes = (ident.header_prefix.lower().encode(),)
+        self.req_strip = StripSet(names=strip_names, prefixes=strip_prefixes)
+        # Kept so an upstream credential can add the fields it sets (binding.py).
+        self.req_strip_spec = (strip_names, strip_prefixes)
         self.req_extra = _render(rq.set)
         rs = config.response_headers
         resp_names = tuple(n.encode() for n in rs.remove) + tuple(

@@ -18,6 +18,9 @@ Schema (one file; ``gateway`` and ``limits`` only in the root file)::
     [backends.NAME] endpoints = ["https://host/prefix", ...], ca_file, client_cert_file,
                  client_key_file, server_name, connect_timeout_s, first_byte_timeout_s,
                  total_timeout_s, pool_max_size, pool_idle_timeout_s
+    [backends.NAME.credential] type = "google_id_token" | "aws_sigv4" |
+                 "azure_function_key" | "bearer_file", and that type's keys
+                 (_CREDENTIAL_KEYS; model.CredentialConfig says what each means)
     [[routes]]   name, path_prefix = "/", backend = "NAME", strip_prefix = false
 
 File paths (certificates, keys, CAs, includes) are relative to the file that names them
@@ -47,6 +50,7 @@ from fastgw.config.model import (
     AuditConfig,
     BackendConfig,
     ClaimCondition,
+    CredentialConfig,
     Endpoint,
     GatewayConfig,
     HeaderActions,
@@ -119,6 +123,7 @@ _BACKEND_KEYS = (
     "pool_max_size",
     "pool_idle_timeout_s",
     "balance",
+    "credential",
 )
 _ROUTE_KEYS = (
     "name",
@@ -140,6 +145,19 @@ _ROUTE_KEYS = (
     "total_timeout_s",
     "max_body_bytes",
 )
+# [backends.NAME.credential]: the keys each type takes (besides "type").
+_CREDENTIAL_KEYS: dict[str, tuple[str, ...]] = {
+    "google_id_token": (
+        "source", "audience", "header", "metadata_url", "service_account", "key_file",
+        "token_url",
+    ),
+    "aws_sigv4": (
+        "source", "region", "service", "profile", "credentials_file", "endpoint_url",
+    ),
+    "azure_function_key": ("key_file", "key_env"),
+    "bearer_file": ("path",),
+}  # fmt: skip
+_CREDENTIAL_VALUE_RE = re.compile(r"[\x21-\x7e]{1,2048}")
 _MAP_TYPES = ("str", "beg", "end", "dir", "dom", "sub", "reg")
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _METHOD_RE = re.compile(r"[A-Z][A-Z-]*\Z")
@@ -1085,10 +1103,12 @@ class _Builder:
                     f"total_timeout_s ({total:g} s)",
                 )
         balance = r.get_choice("balance", ("least_outstanding", "round_robin"))
+        credential = self._credential(r, t, endpoints)
         if r.ok:
             obj = BackendConfig(
                 name=name,
                 endpoints=tuple(endpoints),
+                credential=credential,
                 balance=balance or "least_outstanding",
                 ca_file=ca,
                 client_cert_file=cert,
@@ -1097,6 +1117,149 @@ class _Builder:
                 **numbers,
             )
         self.backends.append(_Named(name, file, path, obj))
+
+    def _credential(
+        self, r: _Reader, t: dict[str, Any], endpoints: list[Endpoint]
+    ) -> CredentialConfig | None:
+        """``[backends.NAME.credential]``: the upstream credential, or None (absent, or
+        its problems reported). Files must be readable now; environment variables set."""
+        raw = t.get("credential")
+        if raw is None:
+            return None
+        where = r.at("credential")
+        if not isinstance(raw, dict):
+            r.bad("credential", f"expected a table, got {_describe(raw)}")
+            return None
+        kind = raw.get("type")
+        if kind not in _CREDENTIAL_KEYS:
+            r.bad_path(
+                "credential.type",
+                "missing (required): one of " + ", ".join(map(_q, _CREDENTIAL_KEYS))
+                if kind is None
+                else f"must be one of {', '.join(map(_q, _CREDENTIAL_KEYS))}, got {_q(kind)}",
+            )
+            return None
+        cr = _Reader(self, r.file, where, raw, ("type", *_CREDENTIAL_KEYS[kind]), r.base_dir)
+        kw: dict[str, Any] = {"type": kind}
+        if kind == "google_id_token":
+            source = cr.get_choice("source", ("metadata", "service_account_file"))
+            kw["source"] = source or "metadata"
+            if kw["source"] == "service_account_file":
+                if "key_file" not in raw:
+                    cr.bad("key_file", 'missing (required with source = "service_account_file")')
+                kw["key_file"] = cr.get_file("key_file")
+                for k in ("metadata_url", "service_account"):
+                    if k in raw:
+                        cr.bad(k, f'{k} applies only to source = "metadata"')
+            else:
+                for k in ("key_file", "token_url"):
+                    if k in raw:
+                        cr.bad(k, f'{k} applies only to source = "service_account_file"')
+                sa = cr.get_str("service_account")
+                if sa is not None:
+                    if re.fullmatch(r"[A-Za-z0-9@._-]{1,256}", sa):
+                        kw["service_account"] = sa
+                    else:
+                        cr.bad("service_account", "must be 'default' or an account email")
+            for k in ("metadata_url", "token_url"):
+                url = cr.get_str(k)
+                if url is not None:
+                    problem = _credential_url_problem(url)
+                    if problem:
+                        cr.bad(k, problem)
+                    else:
+                        kw[k] = url
+            audience = cr.get_str("audience")
+            if audience is not None:
+                if _CREDENTIAL_VALUE_RE.fullmatch(audience):
+                    kw["audience"] = audience
+                else:
+                    cr.bad("audience", "must be 1-2048 visible ASCII characters (a URL)")
+            header = cr.get_choice("header", ("authorization", "x-serverless-authorization"))
+            if header is not None:
+                kw["header"] = header
+        elif kind == "aws_sigv4":
+            source = cr.get_choice(
+                "source", ("default", "env", "shared_file", "container", "instance")
+            )
+            kw["source"] = source or "default"
+            region = cr.get_str("region")
+            if region is not None:
+                if re.fullmatch(r"[a-z0-9-]{1,64}", region):
+                    kw["region"] = region
+                else:
+                    cr.bad("region", f"must be an AWS region such as us-east-1, got {_q(region)}")
+            elif "region" not in raw:
+                from fastgw.upstream.sigv4 import region_from_host
+
+                for ep in endpoints:
+                    if region_from_host(ep.host) is None:
+                        cr.bad(
+                            "region",
+                            f"missing: endpoint {ep.url} is not a Lambda function URL "
+                            "(<id>.lambda-url.<region>.on.aws), so the region cannot be "
+                            "taken from it; set region",
+                        )
+                        break
+            service = cr.get_str("service")
+            if service is not None:
+                if re.fullmatch(r"[a-z0-9-]{1,64}", service):
+                    kw["service"] = service
+                else:
+                    cr.bad("service", f"must be an AWS service name (lambda), got {_q(service)}")
+            profile = cr.get_str("profile")
+            if profile is not None:
+                kw["profile"] = profile
+            if "credentials_file" in raw:
+                kw["credentials_file"] = cr.get_file("credentials_file")
+            for k, applies in (
+                ("profile", ("default", "shared_file")),
+                ("credentials_file", ("default", "shared_file")),
+                ("endpoint_url", ("container", "instance")),
+            ):
+                if k in raw and kw["source"] not in applies:
+                    cr.bad(k, f"{k} applies only to source = " + " or ".join(map(_q, applies)))
+            url = cr.get_str("endpoint_url")
+            if url is not None:
+                problem = _credential_url_problem(url)
+                if problem:
+                    cr.bad("endpoint_url", problem)
+                else:
+                    kw["endpoint_url"] = url
+            if kw["source"] == "env":
+                for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+                    if not os.environ.get(var):
+                        cr.bad("source", f'source = "env" but {var} is not set')
+                        break
+            if kw["source"] == "container" and url is None:
+                from fastgw.upstream.aws import container_url_from_env
+
+                if not container_url_from_env():
+                    cr.bad(
+                        "source",
+                        'source = "container" but neither AWS_CONTAINER_CREDENTIALS_FULL_URI '
+                        "nor AWS_CONTAINER_CREDENTIALS_RELATIVE_URI is set; set endpoint_url",
+                    )
+        elif kind == "azure_function_key":
+            if ("key_file" in raw) == ("key_env" in raw):
+                cr.bad("key_file", "set exactly one of key_file and key_env")
+            elif "key_file" in raw:
+                kw["key_file"] = cr.get_file("key_file")
+            else:
+                env = cr.get_str("key_env")
+                if env is not None:
+                    if not os.environ.get(env, "").strip():
+                        cr.bad("key_env", f"environment variable {env} is not set or empty")
+                    else:
+                        kw["key_env"] = env
+        else:  # bearer_file
+            if "path" not in raw:
+                cr.bad("path", "missing (required): the file holding the token")
+            kw["path"] = cr.get_file("path")
+        if not cr.ok:
+            r.ok = False
+            return None
+        return CredentialConfig(**kw)
 
     def _route(self, file: str, base_dir: str, path: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, path, t, _ROUTE_KEYS, base_dir)
@@ -1581,6 +1744,15 @@ class _Reader:
 
 _PEM_CERT = "-----BEGIN CERTIFICATE-----"
 _PEM_KEY = "PRIVATE KEY-----"  # "BEGIN PRIVATE KEY", "BEGIN RSA PRIVATE KEY", "BEGIN EC ..."
+
+
+def _credential_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a metadata, token or credential endpoint (None: it can)."""
+    from fastgw._fetch import check_url
+    from fastgw.upstream.aws import CONTAINER_HTTP_HOSTS, IMDS_HTTP_HOSTS
+    from fastgw.upstream.google import METADATA_HTTP_HOSTS
+
+    return check_url(url, METADATA_HTTP_HOSTS | CONTAINER_HTTP_HOSTS | IMDS_HTTP_HOSTS)
 
 
 def _check_regex(r: _Reader, key: str, pattern: str) -> re.Pattern[str] | None:

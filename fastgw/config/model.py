@@ -74,6 +74,42 @@ class Endpoint:
 
 
 @dataclass(frozen=True, slots=True)
+class CredentialConfig:
+    """The credential fastgw attaches to every request to a backend's endpoints
+    (``[backends.NAME.credential]``). ``type`` picks the kind; the other fields apply to
+    some kinds only (the loader refuses the rest). Secrets are never held here: only
+    the files and environment variable names they come from.
+
+    - ``google_id_token``: ``source`` "metadata" (``metadata_url``,
+      ``service_account``) or "service_account_file" (``key_file``, ``token_url``);
+      ``audience`` (None: each endpoint's URL origin, one token per endpoint);
+      ``header`` "authorization" or "x-serverless-authorization".
+    - ``aws_sigv4``: ``region`` (None: from each endpoint's Lambda URL host),
+      ``service`` ("lambda"), ``source`` "default" (the SDKs' order), "env",
+      "shared_file" (``credentials_file``, ``profile``), "container" or "instance"
+      (``endpoint_url`` overrides where those are fetched from).
+    - ``azure_function_key``: ``key_file`` or ``key_env``; sent as x-functions-key.
+    - ``bearer_file``: ``path``, re-read when it changes; sent as Authorization.
+    """
+
+    type: str
+    source: str | None = None
+    audience: str | None = None
+    header: str = "authorization"
+    key_file: str | None = None
+    key_env: str | None = None
+    metadata_url: str | None = None
+    service_account: str = "default"
+    token_url: str | None = None
+    region: str | None = None
+    service: str = "lambda"
+    profile: str | None = None
+    credentials_file: str | None = None
+    endpoint_url: str | None = None
+    path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     name: str
     endpoints: tuple[Endpoint, ...]
@@ -98,6 +134,8 @@ class BackendConfig:
     # "least_outstanding": the less busy of two endpoints picked at random (the power
     # of two choices: Envoy's default LEAST_REQUEST); "round_robin".
     balance: str = "least_outstanding"
+    # The upstream credential (ID token, SigV4, function key, bearer file); None: none.
+    credential: CredentialConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

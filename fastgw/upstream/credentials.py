@@ -64,7 +64,6 @@ from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
-import jwt
 import trio
 
 __all__ = [
@@ -174,6 +173,9 @@ def unverified_claims(token: str) -> dict[str, Any]:
     token is for the audience we asked: the token came over verified TLS straight from
     the issuer (or from a file the operator put there), and the function verifies its
     signature; checking it here would need the issuer's keys and prove nothing more."""
+    import jwt  # here, not at import: a gateway without JWT-shaped credentials or
+    # token issuers never loads PyJWT and cryptography (about 12 MiB of RSS)
+
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
     except jwt.PyJWTError as e:
