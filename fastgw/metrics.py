@@ -10,8 +10,8 @@ an identity, a token or a raw path.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -38,6 +38,38 @@ def _histogram(fam: HistogramMetricFamily, labels: list[str], h: Histogram) -> N
         [("+Inf" if b == float("inf") else repr(b), c) for b, c in buckets],
         sum_value=total,
     )
+
+
+def _retry_families(routes: Iterable[Any]) -> Iterator[Metric]:
+    """Retries and hedges per route (fastgw/upstream/retry.py RoutePolicy.counts)."""
+    retries = CounterMetricFamily(
+        "fastgw_upstream_retries",
+        "Requests sent again to an endpoint after an attempt failed, by route",
+        labels=["route"],
+    )
+    hedges = CounterMetricFamily(
+        "fastgw_upstream_hedges",
+        "Hedged attempts by route and result: sent, or won (answered first)",
+        labels=["route", "result"],
+    )
+    denied = CounterMetricFamily(
+        "fastgw_upstream_budget_exhausted",
+        "Retries or hedges not sent because the route's budget was spent",
+        labels=["route", "kind"],
+    )
+    for r in routes:
+        resil = r.resil
+        if resil is None:
+            continue
+        c = resil.counts
+        retries.add_metric([r.name], c[0])
+        hedges.add_metric([r.name, "sent"], c[1])
+        hedges.add_metric([r.name, "won"], c[2])
+        denied.add_metric([r.name, "retry"], c[3])
+        denied.add_metric([r.name, "hedge"], c[4])
+    yield retries
+    yield hedges
+    yield denied
 
 
 class GatewayCollector(Collector):
@@ -73,6 +105,7 @@ class GatewayCollector(Collector):
                 req.add_metric(["", "", cls], n)
         yield req
         yield dur
+        yield from _retry_families(state.router.routes)
 
         fb = HistogramMetricFamily(
             "fastgw_upstream_first_byte_seconds",

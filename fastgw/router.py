@@ -27,6 +27,7 @@ from fastgw.config.model import GatewayConfig, RouteConfig
 from fastgw.policy import RouteAuth
 from fastgw.policy.limits import route_limits
 from fastgw.upstream.backend import Backend
+from fastgw.upstream.retry import RoutePolicy
 
 # Fields a client may never set towards a function: Expect is answered by the gateway
 # itself (it sends 100 Continue when it is ready for the body).
@@ -73,6 +74,7 @@ class Route:
         "req_extra",
         "req_strip",
         "req_strip_spec",
+        "resil",
         "resp_extra",
         "resp_strip",
         "rewrite",
@@ -101,6 +103,15 @@ class Route:
         self.limit_stops = tuple(not lim.shadow for lim in self.limits)
         self.name = config.name
         self.backend = backend
+        # Retries, hedging, cold-start timeouts (upstream/retry.py): None on a route that
+        # has none, and the request path then never looks further. A path_map route
+        # may reach any backend.
+        reach = [backend.config] if backend is not None else list(gw_config.backends.values())
+        self.resil: RoutePolicy | None = (
+            RoutePolicy(config, previous.resil if previous is not None else None)
+            if RoutePolicy.wanted(config, reach)
+            else None
+        )
         # Counters outlive a reload when the route keeps its name (metrics stay monotonic).
         self.status_counts: list[int] = previous.status_counts if previous else [0] * 6
         self.duration: Histogram = previous.duration if previous else Histogram()

@@ -54,6 +54,7 @@ from fastgw.config.model import (
     Endpoint,
     GatewayConfig,
     HeaderActions,
+    HedgeConfig,
     IdentityConfig,
     Limits,
     LimitsStoreConfig,
@@ -62,6 +63,7 @@ from fastgw.config.model import (
     PolicyConfig,
     PolicyRule,
     RateLimitConfig,
+    RetryConfig,
     RouteConfig,
 )
 from fastgw.errors import ConfigError
@@ -124,6 +126,10 @@ _BACKEND_KEYS = (
     "pool_idle_timeout_s",
     "balance",
     "credential",
+    "cold_after_idle_s",
+    "cold_first_byte_timeout_s",
+    "keep_warm_interval_s",
+    "keep_warm_path",
 )
 _ROUTE_KEYS = (
     "name",
@@ -144,6 +150,10 @@ _ROUTE_KEYS = (
     "first_byte_timeout_s",
     "total_timeout_s",
     "max_body_bytes",
+    "idempotent",
+    "retry",
+    "hedge",
+    "replay_buffer_bytes",
 )
 # [backends.NAME.credential]: the keys each type takes (besides "type").
 _CREDENTIAL_KEYS: dict[str, tuple[str, ...]] = {
@@ -186,7 +196,54 @@ _BACKEND_RULES: dict[str, _NumberRule] = {
     "total_timeout_s": ("float", 0, False),
     "pool_max_size": ("int", 0, False),
     "pool_idle_timeout_s": ("float", 0, False),
+    "cold_after_idle_s": ("float", 0, False),
+    "cold_first_byte_timeout_s": ("float", 0, False),
+    "keep_warm_interval_s": ("float", 0, False),
 }
+_RETRY_KEYS = (
+    "attempts", "on", "backoff_base_s", "backoff_max_s", "budget_percent", "min_retries_per_s",
+)  # fmt: skip
+_RETRY_RULES: dict[str, _NumberRule] = {
+    "attempts": ("int", 0, True),
+    "backoff_base_s": ("float", 0, True),
+    "backoff_max_s": ("float", 0, True),
+    "budget_percent": ("float", 0, True),
+    "min_retries_per_s": ("float", 0, True),
+}
+_HEDGE_KEYS = (
+    "delay_s", "delay", "percentile", "min_delay_s", "max_delay_s", "cold_delay_s",
+    "budget_percent", "max_attempts",
+)  # fmt: skip
+_HEDGE_RULES: dict[str, _NumberRule] = {
+    "delay_s": ("float", 0, False),
+    "percentile": ("float", 0, False),
+    "min_delay_s": ("float", 0, True),
+    "max_delay_s": ("float", 0, False),
+    "cold_delay_s": ("float", 0, True),
+    "budget_percent": ("float", 0, True),
+    "max_attempts": ("int", 2, True),
+}
+_OUTLIER_RULES: dict[str, _NumberRule] = {
+    "consecutive_5xx": ("int", 0, True),
+    "consecutive_gateway_failure": ("int", 0, True),
+    "base_ejection_time_s": ("float", 0, False),
+    "max_ejection_time_s": ("float", 0, False),
+    "max_ejection_percent": ("int", 0, True),
+}
+_HEALTH_RULES: dict[str, _NumberRule] = {
+    "interval_s": ("float", 0, False),
+    "timeout_s": ("float", 0, False),
+    "healthy_threshold": ("int", 1, True),
+    "unhealthy_threshold": ("int", 1, True),
+}
+_CAP_RULES: dict[str, _NumberRule] = {
+    "max_in_flight": ("int", 0, True),
+    "max_in_flight_per_identity": ("int", 0, True),
+    "max_queued": ("int", 0, True),
+    "queue_timeout_s": ("float", 0, False),
+    "retry_after_max_s": ("float", 0, True),
+}
+_HASH_ON_RE = re.compile(r"(identity|header:[!#$%&'*+\-.^_`|~0-9A-Za-z]+)\Z")
 # 0 s drain is allowed: stop at once on SIGTERM.
 _DRAIN_RULE: _NumberRule = ("float", 0, True)
 # A share; values over 1 are reported by _audit.
@@ -203,6 +260,7 @@ _TOML_POS_RE = re.compile(
     r"^(?P<msg>.*) \(at (?:line (?P<line>\d+), column (?P<col>\d+)|end of document)\)$", re.S
 )
 _PATH_PREFIX_BAD_RE = re.compile(r"[\x00-\x20\x7f?#]")
+_TARGET_BAD_RE = re.compile(r"[\x00-\x20\x7f#]")
 # A Via value is a header field value: visible ASCII and spaces (RFC 9110 5.5, 7.6.3).
 _FIELD_VALUE_RE = re.compile(r"[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?\Z")
 
@@ -1103,6 +1161,12 @@ class _Builder:
                     f"total_timeout_s ({total:g} s)",
                 )
         balance = r.get_choice("balance", ("least_outstanding", "round_robin"))
+        warm_path = r.get_str("keep_warm_path")
+        if warm_path is not None:
+            if not warm_path.startswith("/") or _TARGET_BAD_RE.search(warm_path):
+                r.bad("keep_warm_path", f"must be a path starting with /, got {_q(warm_path)}")
+            else:
+                numbers["keep_warm_path"] = warm_path
         credential = self._credential(r, t, endpoints)
         if r.ok:
             obj = BackendConfig(
@@ -1308,6 +1372,10 @@ class _Builder:
         fb = r.get_number("first_byte_timeout_s", ("float", 0, False))
         total = r.get_number("total_timeout_s", ("float", 0, False))
         max_body = r.get_number("max_body_bytes", ("int", 0, True))
+        idempotent = r.get_bool("idempotent")
+        replay = r.get_number("replay_buffer_bytes", ("int", 0, True))
+        retry = self._route_retry(r)
+        hedge = self._route_hedge(r)
         obj = None
         if r.ok and name is not None:
             obj = RouteConfig(
@@ -1330,11 +1398,100 @@ class _Builder:
                 total_timeout_s=total,
                 max_body_bytes=max_body,
                 path_map_obj=map_obj,
+                idempotent=bool(idempotent),
+                retry=retry,
+                hedge=hedge,
+                replay_buffer_bytes=replay
+                if replay is not None
+                else _default(RouteConfig, "replay_buffer_bytes"),
             )
         self.routes.append(_Named(name, file, path, obj, backend))
         if map_obj is not None:
             # Every backend the map names must exist: checked in finish().
             self.map_backends.append((r.file, r.at("path_map"), map_obj))
+
+    # -- [routes.retry] and [routes.hedge] (fastgw/upstream/retry.py) ---------------------
+
+    def _sub_reader(self, r: _Reader, key: str, known: tuple[str, ...]) -> _Reader | None:
+        raw = r._get(key, False)
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            r.bad(key, f"expected a table, got {_describe(raw)}")
+            return None
+        sub = _Reader(self, r.file, r.at(key), raw, known, r.base_dir)
+        if not sub.ok:
+            r.ok = False
+        return sub
+
+    def _route_retry(self, r: _Reader) -> RetryConfig | None:
+        sub = self._sub_reader(r, "retry", _RETRY_KEYS)
+        if sub is None:
+            return None
+        numbers = {
+            k: v for k, rule in _RETRY_RULES.items() if (v := sub.get_number(k, rule)) is not None
+        }
+        on: tuple[str, ...] | None = None
+        raw_on = sub._get("on", False)
+        if raw_on is not None:
+            if not isinstance(raw_on, list) or not all(isinstance(x, str) for x in raw_on):
+                sub.bad("on", f"expected an array of strings, got {_describe(raw_on)}")
+            else:
+                for x in raw_on:
+                    if x not in ("timeout", "reset", "429") and not (
+                        len(x) == 3 and x.isdigit() and x.startswith("5")
+                    ):
+                        sub.bad(
+                            "on",
+                            f"{_q(x)} is not a retry condition: a 5xx status such as "
+                            '"503", "429", "timeout" or "reset"',
+                        )
+                        break
+                else:
+                    on = tuple(raw_on)
+        base = numbers.get("backoff_base_s", _default(RetryConfig, "backoff_base_s"))
+        top = numbers.get("backoff_max_s", _default(RetryConfig, "backoff_max_s"))
+        if base > top:
+            which = "backoff_base_s" if "backoff_base_s" in sub.t else "backoff_max_s"
+            sub.bad(which, f"backoff_base_s ({base:g} s) is over backoff_max_s ({top:g} s)")
+        if numbers.get("budget_percent", 0) > 100:
+            sub.bad("budget_percent", f"must be 100 or less, got {numbers['budget_percent']:g}")
+        if not sub.ok:
+            r.ok = False
+            return None
+        if on is not None:
+            numbers["on"] = on
+        return RetryConfig(**numbers)
+
+    def _route_hedge(self, r: _Reader) -> HedgeConfig | None:
+        sub = self._sub_reader(r, "hedge", _HEDGE_KEYS)
+        if sub is None:
+            return None
+        numbers = {
+            k: v for k, rule in _HEDGE_RULES.items() if (v := sub.get_number(k, rule)) is not None
+        }
+        learned = sub.get_choice("delay", ("learned",)) == "learned"
+        if learned and "delay_s" in sub.t:
+            sub.bad("delay_s", 'fixed (delay_s) or learned (delay = "learned"), not both')
+        elif not learned and "delay_s" not in sub.t and sub.ok_key("delay"):
+            sub.bad("delay_s", 'missing: set delay_s (seconds) or delay = "learned"')
+        if not learned:
+            for k in ("percentile", "min_delay_s", "max_delay_s"):
+                if k in sub.t:
+                    sub.bad(k, 'only with delay = "learned"')
+        pct = numbers.get("percentile")
+        if pct is not None and pct >= 100:
+            sub.bad("percentile", f"must be under 100, got {pct:g}")
+        lo = numbers.get("min_delay_s", _default(HedgeConfig, "min_delay_s"))
+        hi = numbers.get("max_delay_s", _default(HedgeConfig, "max_delay_s"))
+        if lo > hi:
+            sub.bad("min_delay_s", f"min_delay_s ({lo:g} s) is over max_delay_s ({hi:g} s)")
+        if numbers.get("budget_percent", 0) > 100:
+            sub.bad("budget_percent", f"must be 100 or less, got {numbers['budget_percent']:g}")
+        if not sub.ok:
+            r.ok = False
+            return None
+        return HedgeConfig(learned=learned, **numbers)
 
     def _load_map(self, r: _Reader, path: str, kind: str) -> Any:
         from fastgw._core.acl import load_map_file

@@ -134,6 +134,17 @@ class BackendConfig:
     # "least_outstanding": the less busy of two endpoints picked at random (the power
     # of two choices: Envoy's default LEAST_REQUEST); "round_robin".
     balance: str = "least_outstanding"
+    # Cold starts (scale to zero). An endpoint idle longer than ``cold_after_idle_s``
+    # (the platform's scale-to-zero window; None: never judged cold by idleness) is
+    # "likely cold", as is one reached on a fresh connection or whose last first byte
+    # came far over its norm. A likely-cold endpoint gets ``cold_first_byte_timeout_s``
+    # (None: the ordinary first_byte_timeout_s) and hedging starts earlier for it.
+    cold_after_idle_s: float | None = None
+    cold_first_byte_timeout_s: float | None = None
+    # Keep-warm: a GET to ``keep_warm_path`` on every endpoint idle for this long
+    # (None: off). Costs the function an invocation per interval per endpoint.
+    keep_warm_interval_s: float | None = None
+    keep_warm_path: str = "/"
     # The upstream credential (ID token, SigV4, function key, bearer file); None: none.
     credential: CredentialConfig | None = None
 
@@ -144,6 +155,48 @@ class HeaderActions:
 
     set: tuple[tuple[str, str], ...] = ()
     remove: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """``[routes.retry]``: when a request that may have reached the function is sent
+    again (see fastgw/upstream/retry.py for what is safe). A request that never reached
+    it (refused connect, dead pooled connection) is always retried once elsewhere."""
+
+    # 1 retry: most transient failures clear on the first retry; more multiplies load
+    # exactly when an upstream is struggling.
+    attempts: int = 1
+    # Outcomes that are retried: response statuses and "timeout" (no first byte within
+    # the first-byte timeout), "reset" (the connection ended with no response).
+    on: tuple[str, ...] = ("502", "503", "504", "timeout", "reset")
+    # Full jitter: sleep uniform(0, min(max, base * 2^n)) before retry n+1.
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
+    # Retries may be at most this share of the route's requests (Envoy's retry budget
+    # default is 20% of active requests), plus ``min_retries_per_s`` for quiet routes.
+    budget_percent: float = 20.0
+    min_retries_per_s: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class HedgeConfig:
+    """``[routes.hedge]``: when no first byte came within the delay, send the same
+    (retryable) request to another endpoint; the first answer wins."""
+
+    # Fixed delay, or None with ``learned`` True: the ``percentile`` of the endpoint's
+    # recent first-byte latencies, within [min_delay_s, max_delay_s].
+    delay_s: float | None = None
+    learned: bool = False
+    percentile: float = 95.0
+    min_delay_s: float = 0.005
+    max_delay_s: float = 1.0
+    # Delay for an endpoint judged likely cold; None: a quarter of the delay.
+    cold_delay_s: float | None = None
+    # Hedges at most this share of the route's requests. 10%: hedging at the p95 costs
+    # about 5% more load (Dean and Barroso, "The Tail at Scale", CACM 2013); the rest
+    # leaves room for cold endpoints, which are hedged earlier.
+    budget_percent: float = 10.0
+    max_attempts: int = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +227,15 @@ class RouteConfig:
     first_byte_timeout_s: float | None = None
     total_timeout_s: float | None = None
     max_body_bytes: int | None = None
+    # Retries and hedging (fastgw/upstream/retry.py). ``idempotent``: every method on
+    # this route may be repeated safely (as if RFC 9110 9.2.2 idempotent).
+    idempotent: bool = False
+    retry: RetryConfig | None = None
+    hedge: HedgeConfig | None = None
+    # A body up to this size is read whole before sending on a route that may retry it
+    # (so it can be sent again); a larger one is streamed and never retried once sent.
+    # 64 KiB: one read of the gateway's stream buffer.
+    replay_buffer_bytes: int = 65536
     # The loaded map (a fastgw._core.acl.Map), built while loading the config so that a
     # reload parses it off the event loop and ``fastgw check`` validates it.
     path_map_obj: Any = field(default=None, compare=False, repr=False)

@@ -43,7 +43,7 @@ from array import array
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastgw.config.model import BackendConfig, HedgeConfig, RetryConfig
+    from fastgw.config.model import BackendConfig, HedgeConfig, RetryConfig, RouteConfig
     from fastgw.upstream.pool import Pool
 
 # RFC 9110 9.2.2: methods whose repetition has the effect of one request.
@@ -98,7 +98,7 @@ class Budget:
             if elapsed >= 1.0:
                 self.earned *= _FADE_PER_S**elapsed
             self.last = now
-        if self.earned >= 1.0:
+        if self.earned > 0.999999:  # (0.2 * 10 sums to 1.9999...)
             self.earned -= 1.0
         elif self.reserve >= 1.0:
             self.reserve -= 1.0
@@ -217,3 +217,38 @@ class HedgePolicy:
             c = self.cold_delay_s
             return d / 4.0 if c is None else (c if c < d else d)
         return d
+
+
+# Slots of RoutePolicy.counts (exported by fastgw/metrics.py).
+RETRIES = 0
+HEDGES = 1
+HEDGE_WINS = 2
+RETRY_BUDGET_EXHAUSTED = 3
+HEDGE_BUDGET_EXHAUSTED = 4
+
+
+class RoutePolicy:
+    """What a route does beyond one plain attempt: its retry and hedge policies,
+    whether it is idempotent, its replay buffer, and counters. A route has one only
+    when it configures retries, hedging or ``idempotent``, or its backend has
+    cold-start settings; otherwise the request path never looks further."""
+
+    __slots__ = ("counts", "hedge", "idempotent", "replay_buffer_bytes", "retry")
+
+    def __init__(self, cfg: RouteConfig, previous: RoutePolicy | None = None) -> None:
+        self.retry = RetryPolicy(cfg.retry) if cfg.retry is not None else None
+        self.hedge = HedgePolicy(cfg.hedge) if cfg.hedge is not None else None
+        self.idempotent = cfg.idempotent
+        self.replay_buffer_bytes = cfg.replay_buffer_bytes
+        # Counters carry over a reload when the route keeps its name.
+        self.counts: list[int] = previous.counts if previous is not None else [0] * 5
+
+    @staticmethod
+    def wanted(cfg: RouteConfig, backends: list[BackendConfig]) -> bool:
+        """Whether a route needs a policy: ``backends`` are the ones it may reach."""
+        return (
+            cfg.retry is not None
+            or cfg.hedge is not None
+            or cfg.idempotent
+            or any(b.cold_first_byte_timeout_s is not None for b in backends)
+        )
