@@ -4,6 +4,7 @@ Every public name of the module, with the exact parameter names of the Cython si
 ``stubtest`` keeps them honest (tests/core/test_bucket.py).
 """
 
+from os import PathLike
 from typing import Final, final
 
 # Bounds on the arguments; a value outside them is a bug in the caller (ValueError).
@@ -20,9 +21,16 @@ INLINE_KEY_BYTES: Final = 40
 class BucketTable:
     """A table of GCRA token buckets keyed by bytes, at most ``max_keys`` of them."""
 
-    def __init__(self, max_keys: int) -> None: ...
+    def __init__(self, max_keys: int, path: str | PathLike[str] | None = None) -> None:
+        """``path``: a shared table, mapped from that file (use tmpfs) by every process
+        that opens it with the same ``max_keys``; its takes lock the table."""
+
     @property
     def max_keys(self) -> int: ...
+    @property
+    def path(self) -> str | None:
+        """The file of a shared table, None for a private one."""
+
     def take(self, key: bytes, cost: int, now: float, rate: float, burst: float) -> float:
         """0.0 when ``cost`` tokens were taken at ``now`` (seconds); else the seconds to
         wait (nothing taken); ``inf`` when ``cost > burst``."""

@@ -101,6 +101,9 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcmp, memcpy, memset
 
 import os
+import struct
+
+from fastgw._core.shm cimport SharedFile, fgw_shm_lock, fgw_shm_unlock
 
 cdef extern from *:
     """
@@ -254,8 +257,11 @@ cdef enum:
     BLOCK = 64
     MIN_CAP = 64
     MAX_POLICIES = 65535     # ids 1..65535; 0 marks an empty slot
+    SHARED_POLICIES = 4096   # a shared table's policy array: ids 1..4095
+    DIGEST = 16              # a long key in a shared table: a 128-bit keyed digest
 
 cdef int64_t INF64 = INT64_MAX
+cdef bytes SHARED_MAGIC = b"FGWBKT01"   # the file format of a shared table, version 1
 cdef int64_t MAX_TAU_NS = (<int64_t>1) << 60
 cdef double MAX_NOW_S = 2305843009.213693952
 
@@ -274,16 +280,32 @@ cdef struct Policy:
     int64_t tau          # burst x interval, ns
     int64_t max_cost     # tau // interval: the largest cost that can ever pass
 
+cdef struct Shared:
+    # The table-wide state: in the file for a shared table, else allocated.
+    uint32_t lock        # fgw_shm_lock (shared tables only)
+    uint32_t npol
+    uint64_t pol_gen     # bumped when policy ids are renumbered
+    uint64_t count
+    uint64_t k0, k1      # hash key
+    uint64_t k2, k3      # digest key (long keys of a shared table)
+    uint64_t n_allowed, n_limited, n_evictions, n_evictions_lossy
+
+
 cdef object _ZERO = 0.0
 cdef object _INF = float("inf")
 
 
-cdef inline const unsigned char* _slot_key(Slot* s) noexcept nogil:
+cdef inline const unsigned char* _slot_key(Slot* s, bint shared) noexcept nogil:
     cdef const unsigned char* p
-    if s.klen <= INLINE:
+    if s.klen <= INLINE or shared:
         return s.key
     memcpy(&p, s.key, sizeof(p))
     return p
+
+
+cdef inline Py_ssize_t _stored_len(Slot* s, bint shared) noexcept nogil:
+    # What the slot holds of its key: all of it, or a shared table's digest of a long key.
+    return DIGEST if shared and s.klen > INLINE else s.klen
 
 
 cdef double _wait_s(double now, int64_t now_ns, int64_t wait_ns) noexcept nogil:
@@ -316,8 +338,11 @@ cdef class BucketTable:
     cdef Slot* slots
     cdef uint64_t cap            # slots
     cdef uint64_t cap_max
-    cdef uint64_t count
     cdef uint64_t _max_keys
+    # Counters, the policy count and the hash key: in the file when shared.
+    cdef Shared* sh
+    cdef bint shared
+    cdef SharedFile file
     cdef uint64_t k0, k1         # hash key
     # Lower bounds per block (64 slots) and per super block (64 blocks).
     cdef int64_t* blk_tat
@@ -327,16 +352,17 @@ cdef class BucketTable:
     cdef uint64_t nblk, nsup
     # Policies: ids 1..npol; a small open-addressing map (rate, burst) -> id.
     cdef Policy* pol
-    cdef uint32_t npol, pol_alloc
+    cdef uint32_t pol_alloc, max_pid
+    # The map covers policies 1..known_npol of generation pol_gen (another process may
+    # have added or renumbered some since).
     cdef uint16_t* pmap
-    cdef uint32_t pmap_cap
+    cdef uint32_t pmap_cap, known_npol
+    cdef uint64_t pol_gen
     cdef double last_rate, last_burst
     cdef uint32_t last_pid
-    # Counters, read by statistics().
-    cdef uint64_t n_allowed, n_limited, n_evictions, n_evictions_lossy
     cdef uint64_t long_key_bytes
 
-    def __cinit__(self, max_keys: int):
+    def __cinit__(self, max_keys: int, path=None):
         cdef uint64_t mk
         if not 1 <= max_keys <= MAX_KEYS_LIMIT:
             raise ValueError(f"max_keys must be within 1..{MAX_KEYS_LIMIT}, not {max_keys}")
@@ -347,27 +373,84 @@ cdef class BucketTable:
         self.cap_max = ((mk * 5 + 3) // 4 + BLOCK - 1) // BLOCK * BLOCK
         if self.cap_max < MIN_CAP:
             self.cap_max = MIN_CAP
-        seed = os.urandom(16)
-        self.k0 = int.from_bytes(seed[:8], "little")
-        self.k1 = int.from_bytes(seed[8:], "little")
         self.last_rate = -1.0
         self.last_burst = -1.0
-        self.pol_alloc = 16
-        self.pol = <Policy*>malloc(self.pol_alloc * sizeof(Policy))
         self.pmap_cap = 32
         self.pmap = <uint16_t*>malloc(self.pmap_cap * sizeof(uint16_t))
-        if self.pol == NULL or self.pmap == NULL:
+        if self.pmap == NULL:
             raise MemoryError()
         memset(self.pmap, 0, self.pmap_cap * sizeof(uint16_t))
-        self._resize(MIN_CAP if MIN_CAP < self.cap_max else self.cap_max)
+        if path is not None:
+            self._open_shared(path)
+        else:
+            self.sh = <Shared*>malloc(sizeof(Shared))
+            self.pol_alloc = 16
+            self.pol = <Policy*>malloc(self.pol_alloc * sizeof(Policy))
+            if self.sh == NULL or self.pol == NULL:
+                raise MemoryError()
+            memset(self.sh, 0, sizeof(Shared))
+            _seed(self.sh)
+            self.max_pid = MAX_POLICIES
+            self._resize(MIN_CAP if MIN_CAP < self.cap_max else self.cap_max)
+        self.k0 = self.sh.k0
+        self.k1 = self.sh.k1
+
+    cdef int _open_shared(self, path) except -1:
+        """Map the table from ``path`` (see "Shared tables"): every slot up front, the
+        policies, the block bounds and the ``Shared`` header in the file."""
+        cdef uint64_t cap = self.cap_max, i
+        cdef uint64_t nblk = (cap + BLOCK - 1) >> BLOCK_SHIFT
+        cdef uint64_t nsup = (nblk + BLOCK - 1) >> BLOCK_SHIFT
+        cdef size_t off_pol = (sizeof(Shared) + 63) // 64 * 64
+        cdef size_t off_sum = off_pol + SHARED_POLICIES * sizeof(Policy)
+        cdef size_t off_slots = (off_sum + (nblk + nsup) * 2 * sizeof(int64_t) + 4095) // 4096 * 4096
+        cdef size_t total = off_slots + cap * sizeof(Slot)
+        cdef unsigned char* base
+        cdef SharedFile f
+        shape = struct.pack("<QQII", self._max_keys, cap, sizeof(Slot), sizeof(Policy))
+        f = SharedFile.open(path, total, SHARED_MAGIC, shape)
+        base = f.region
+        self.sh = <Shared*>base
+        self.pol = <Policy*>(base + off_pol)
+        self.pol_alloc = SHARED_POLICIES
+        self.max_pid = SHARED_POLICIES - 1
+        self.blk_tat = <int64_t*>(base + off_sum)
+        self.blk_lru = self.blk_tat + nblk
+        self.sup_tat = self.blk_lru + nblk
+        self.sup_lru = self.sup_tat + nsup
+        self.slots = <Slot*>(base + off_slots)
+        self.cap = cap
+        self.nblk = nblk
+        self.nsup = nsup
+        self.file = f
+        self.shared = True
+        if f.fresh:
+            for i in range(nblk):
+                self.blk_tat[i] = INF64
+                self.blk_lru[i] = INF64
+            for i in range(nsup):
+                self.sup_tat[i] = INF64
+                self.sup_lru[i] = INF64
+            _seed(self.sh)
+            f.publish()
+        self.pol_gen = self.sh.pol_gen
+        return 0
+
+    @property
+    def path(self):
+        """The file of a shared table, None for a private one."""
+        return self.file.path if self.shared else None
 
     def __dealloc__(self):
         cdef uint64_t i
         cdef const unsigned char* p
+        free(self.pmap)
+        if self.shared:
+            return   # the mapping goes with self.file
         if self.slots != NULL:
             for i in range(self.cap):
                 if self.slots[i].policy != 0 and self.slots[i].klen > INLINE:
-                    p = _slot_key(&self.slots[i])
+                    p = _slot_key(&self.slots[i], False)
                     free(<void*>p)
             free(self.slots)
         free(self.blk_tat)
@@ -375,7 +458,7 @@ cdef class BucketTable:
         free(self.sup_tat)
         free(self.sup_lru)
         free(self.pol)
-        free(self.pmap)
+        free(self.sh)
 
     # -----------------------------------------------------------------------------------
     # Public API
@@ -393,26 +476,37 @@ cdef class BucketTable:
         succeeds if nobody took in between. ``inf`` when ``cost > burst`` (never
         possible). A new key starts with a full bucket. Raises ValueError / OverflowError /
         TypeError on arguments that are bugs (see the module docstring)."""
-        cdef uint32_t pid = self._policy(rate, burst)
-        cdef Policy* p = &self.pol[pid]
         cdef int64_t now_ns = self._now_ns(now)
         cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(key)
         cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
-        cdef uint64_t h
-        cdef int64_t i, base, new_tat, wait_ns
-        cdef Slot* s
         if cost < 0:
             raise ValueError("cost must be >= 0")
         if n > MAX_KEY_BYTES:
             raise ValueError(f"key of {n} bytes: at most {MAX_KEY_BYTES}")
+        if not self.shared:
+            return self._take(k, n, cost, now, now_ns, rate, burst)
+        fgw_shm_lock(&self.sh.lock)
+        try:
+            return self._take(k, n, cost, now, now_ns, rate, burst)
+        finally:
+            fgw_shm_unlock(&self.sh.lock)
+
+    cdef inline object _take(self, const unsigned char* k, Py_ssize_t n, long long cost,
+                             double now, int64_t now_ns, double rate, double burst):
+        cdef uint32_t pid = self._policy(rate, burst)
+        cdef Policy* p = &self.pol[pid]
+        cdef unsigned char dig[DIGEST]
+        cdef uint64_t h
+        cdef int64_t i, base, new_tat, wait_ns
+        cdef Slot* s
         if cost > p.max_cost:
-            self.n_limited += 1
+            self.sh.n_limited += 1
             return _INF
-        h = fgw_siphash13(self.k0, self.k1, k, <size_t>n)
+        h = self._hash(&k, &n, dig)
         i = self._find(k, n, h)
         if i < 0:
             # A new key: its bucket is full, and cost <= max_cost fits it.
-            self.n_allowed += 1
+            self.sh.n_allowed += 1
             if cost > 0:
                 self._insert(k, n, h, pid, now_ns + cost * p.interval, now_ns)
             return _ZERO
@@ -431,25 +525,33 @@ cdef class BucketTable:
         wait_ns = new_tat - p.tau - now_ns
         if wait_ns <= 0:
             s.tat = new_tat
-            self.n_allowed += 1
+            self.sh.n_allowed += 1
             return _ZERO
-        self.n_limited += 1
+        self.sh.n_limited += 1
         return _wait_s(now, now_ns, wait_ns)
 
     def peek(self, bytes key not None, long long cost, double now, double rate, double burst):
         """What ``take`` would answer, without taking anything, counting anything or
         touching the key's recency (so a peek never keeps a bucket from eviction)."""
-        cdef uint32_t pid = self._policy(rate, burst)
-        cdef Policy* p = &self.pol[pid]
         cdef int64_t now_ns = self._now_ns(now)
-        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(key)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
-        cdef int64_t i, wait_ns
         if cost < 0:
             raise ValueError("cost must be >= 0")
+        if not self.shared:
+            return self._peek(key, cost, now, now_ns, rate, burst)
+        fgw_shm_lock(&self.sh.lock)
+        try:
+            return self._peek(key, cost, now, now_ns, rate, burst)
+        finally:
+            fgw_shm_unlock(&self.sh.lock)
+
+    cdef object _peek(self, bytes key, long long cost, double now, int64_t now_ns, double rate,
+                      double burst):
+        cdef uint32_t pid = self._policy(rate, burst)
+        cdef Policy* p = &self.pol[pid]
+        cdef int64_t i, wait_ns
         if cost > p.max_cost:
             return _INF
-        i = self._find(k, n, fgw_siphash13(self.k0, self.k1, k, <size_t>n))
+        i = self._find_key(key)
         if i < 0:
             return _ZERO
         wait_ns = self._base(&self.slots[i], pid, now_ns) + cost * p.interval - p.tau - now_ns
@@ -460,13 +562,20 @@ cdef class BucketTable:
     def remaining(self, bytes key not None, double now, double rate, double burst) -> int:
         """Whole tokens ``key`` could take at ``now`` (``burst`` rounded down for a key
         not in the table); for the RateLimit response field. Read-only, like ``peek``."""
+        cdef int64_t now_ns = self._now_ns(now)
+        if not self.shared:
+            return self._remaining(key, now_ns, rate, burst)
+        fgw_shm_lock(&self.sh.lock)
+        try:
+            return self._remaining(key, now_ns, rate, burst)
+        finally:
+            fgw_shm_unlock(&self.sh.lock)
+
+    cdef int64_t _remaining(self, bytes key, int64_t now_ns, double rate, double burst) except? -1:
         cdef uint32_t pid = self._policy(rate, burst)
         cdef Policy* p = &self.pol[pid]
-        cdef int64_t now_ns = self._now_ns(now)
-        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(key)
-        cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
         cdef int64_t i, room
-        i = self._find(k, n, fgw_siphash13(self.k0, self.k1, k, <size_t>n))
+        i = self._find_key(key)
         if i < 0:
             return p.max_cost
         room = p.tau - (self._base(&self.slots[i], pid, now_ns) - now_ns)
@@ -477,40 +586,74 @@ cdef class BucketTable:
         ``allowed`` and ``limited`` (takes), ``evictions`` (all) and ``evictions_lossy``
         (of a bucket that was not full), ``slots`` and ``memory_bytes`` (what the table
         allocated: slots, summaries, policies, and the bytes of keys over 40 bytes,
-        without the allocator's overhead for those)."""
+        without the allocator's overhead for those). A shared table's counters are
+        those of every process using it."""
         return {
-            "keys": self.count,
+            "keys": self.sh.count,
             "max_keys": self._max_keys,
-            "allowed": self.n_allowed,
-            "limited": self.n_limited,
-            "evictions": self.n_evictions,
-            "evictions_lossy": self.n_evictions_lossy,
+            "allowed": self.sh.n_allowed,
+            "limited": self.sh.n_limited,
+            "evictions": self.sh.n_evictions,
+            "evictions_lossy": self.sh.n_evictions_lossy,
             "slots": self.cap,
             "memory_bytes": self._memory_bytes(),
         }
 
     def __len__(self) -> int:
-        return self.count
+        return self.sh.count
 
     def __contains__(self, key) -> bool:
-        cdef const unsigned char* k
-        cdef Py_ssize_t n
         if type(key) is not bytes:
             return False
-        k = <const unsigned char*>PyBytes_AS_STRING(key)
-        n = PyBytes_GET_SIZE(key)
-        return self._find(k, n, fgw_siphash13(self.k0, self.k1, k, <size_t>n)) >= 0
+        if not self.shared:
+            return self._find_key(key) >= 0
+        fgw_shm_lock(&self.sh.lock)
+        try:
+            return self._find_key(key) >= 0
+        finally:
+            fgw_shm_unlock(&self.sh.lock)
 
     def keys(self) -> list:
         """Every key in the table, in no particular order (for tests and the admin
-        listener; it copies them all)."""
+        listener; it copies them all). A shared table lists a key over 40 bytes as its
+        16-byte digest (it stores no more of it)."""
         cdef uint64_t i
         cdef list out = []
-        for i in range(self.cap):
-            if self.slots[i].policy != 0:
-                out.append(PyBytes_FromStringAndSize(
-                    <const char*>_slot_key(&self.slots[i]), self.slots[i].klen))
+        cdef Slot* s
+        if self.shared:
+            fgw_shm_lock(&self.sh.lock)
+        try:
+            for i in range(self.cap):
+                s = &self.slots[i]
+                if s.policy != 0:
+                    out.append(PyBytes_FromStringAndSize(
+                        <const char*>_slot_key(s, self.shared), _stored_len(s, self.shared)))
+        finally:
+            if self.shared:
+                fgw_shm_unlock(&self.sh.lock)
         return out
+
+    # -----------------------------------------------------------------------------------
+    # Keys
+
+    cdef inline uint64_t _hash(self, const unsigned char** k, Py_ssize_t* n,
+                               unsigned char* dig) noexcept:
+        """The hash of key ``*k``; in a shared table a key over 40 bytes is replaced by
+        its digest (``*k`` then points at ``dig``, and ``*n`` says 41, the length a
+        digest slot records): the slot holds only that, and lookups compare it."""
+        if self.shared and n[0] > INLINE:
+            _digest(self.sh, k[0], n[0], dig)
+            k[0] = dig
+            n[0] = INLINE + 1   # the length every digest slot records
+            return fgw_siphash13(self.k0, self.k1, dig, DIGEST)
+        return fgw_siphash13(self.k0, self.k1, k[0], <size_t>n[0])
+
+    cdef int64_t _find_key(self, bytes key) noexcept:
+        cdef const unsigned char* k = <const unsigned char*>PyBytes_AS_STRING(key)
+        cdef Py_ssize_t n = PyBytes_GET_SIZE(key)
+        cdef unsigned char dig[DIGEST]
+        cdef uint64_t h = self._hash(&k, &n, dig)
+        return self._find(k, n, h)
 
     # -----------------------------------------------------------------------------------
     # Policies and time
@@ -522,7 +665,7 @@ cdef class BucketTable:
 
     cdef inline uint32_t _policy(self, double rate, double burst) except 0:
         # The last policy, compared as doubles: NaN never matches and goes to the checks.
-        if rate == self.last_rate and burst == self.last_burst:
+        if rate == self.last_rate and burst == self.last_burst and self.pol_gen == self.sh.pol_gen:
             return self.last_pid
         return self._policy_slow(rate, burst)
 
@@ -543,6 +686,9 @@ cdef class BucketTable:
         if tau < 0 or tau > MAX_TAU_NS:
             raise ValueError(
                 f"burst={burst!r} at rate={rate!r} takes over {MAX_TAU_S} s to fill")
+        if self.pol_gen != self.sh.pol_gen or self.known_npol != self.sh.npol:
+            # Another process (of a shared table) added or renumbered policies.
+            self._rebuild_pmap(self.pmap_cap)
         hb = self._pol_hash(rate, burst)
         j = <uint32_t>(hb & (self.pmap_cap - 1))
         while self.pmap[j] != 0:
@@ -569,27 +715,28 @@ cdef class BucketTable:
                               int64_t tau) except 0:
         cdef uint32_t pid, j
         cdef Policy* grown
-        if self.npol == MAX_POLICIES:
+        if self.sh.npol == self.max_pid:
             self._collect_policies()
-            if self.npol == MAX_POLICIES:
-                raise ValueError(f"over {MAX_POLICIES} distinct (rate, burst) pairs in use")
-        if self.npol + 1 >= self.pol_alloc:
+            if self.sh.npol == self.max_pid:
+                raise ValueError(f"over {self.max_pid} distinct (rate, burst) pairs in use")
+        if self.sh.npol + 1 >= self.pol_alloc:
             grown = <Policy*>realloc(self.pol, 2 * self.pol_alloc * sizeof(Policy))
             if grown == NULL:
                 raise MemoryError()
             self.pol = grown
             self.pol_alloc *= 2
-        self.npol += 1
-        pid = self.npol
+        self.sh.npol += 1
+        pid = self.sh.npol
         self.pol[pid].rate = rate
         self.pol[pid].burst = burst
         self.pol[pid].interval = interval
         self.pol[pid].tau = tau
         self.pol[pid].max_cost = tau // interval
-        if 2 * (self.npol + 1) > self.pmap_cap:
+        if 2 * (self.sh.npol + 1) > self.pmap_cap:
             self._rebuild_pmap(2 * self.pmap_cap)
         else:
             self._pmap_put(pid)
+            self.known_npol = self.sh.npol
         return pid
 
     cdef void _pmap_put(self, uint32_t pid) noexcept:
@@ -600,16 +747,21 @@ cdef class BucketTable:
         self.pmap[j] = <uint16_t>pid
 
     cdef int _rebuild_pmap(self, uint32_t new_cap) except -1:
-        cdef uint16_t* m = <uint16_t*>malloc(new_cap * sizeof(uint16_t))
+        cdef uint16_t* m
         cdef uint32_t pid
+        while 2 * (self.sh.npol + 1) > new_cap:
+            new_cap *= 2
+        m = <uint16_t*>malloc(new_cap * sizeof(uint16_t))
         if m == NULL:
             raise MemoryError()
         memset(m, 0, new_cap * sizeof(uint16_t))
         free(self.pmap)
         self.pmap = m
         self.pmap_cap = new_cap
-        for pid in range(1, self.npol + 1):
+        for pid in range(1, self.sh.npol + 1):
             self._pmap_put(pid)
+        self.known_npol = self.sh.npol
+        self.pol_gen = self.sh.pol_gen
         return 0
 
     cdef int _collect_policies(self) except -1:
@@ -624,7 +776,7 @@ cdef class BucketTable:
         for i in range(self.cap):
             if self.slots[i].policy != 0:
                 remap[self.slots[i].policy] = 1
-        for pid in range(1, self.npol + 1):
+        for pid in range(1, self.sh.npol + 1):
             if remap[pid]:
                 n += 1
                 remap[pid] = n
@@ -633,7 +785,8 @@ cdef class BucketTable:
             if self.slots[i].policy != 0:
                 self.slots[i].policy = <uint16_t>remap[self.slots[i].policy]
         free(remap)
-        self.npol = n
+        self.sh.npol = n
+        self.sh.pol_gen += 1
         self.last_rate = -1.0
         self.last_burst = -1.0
         self._rebuild_pmap(self.pmap_cap)
@@ -677,7 +830,8 @@ cdef class BucketTable:
             s = &self.slots[i]
             if s.policy == 0:
                 return -1
-            if s.tag == tag and s.klen == n and memcmp(_slot_key(s), k, n) == 0:
+            if (s.tag == tag and s.klen == n
+                    and memcmp(_slot_key(s, self.shared), k, _stored_len(s, self.shared)) == 0):
                 return <int64_t>i
             i += 1
             if i == self.cap:
@@ -689,16 +843,16 @@ cdef class BucketTable:
         cdef int64_t found
         cdef unsigned char* copy = NULL
         cdef Slot* s
-        if self.count >= self._max_keys:
+        if self.sh.count >= self._max_keys:
             found = self._find_full(now_ns, fgw_fastrange(h, self.cap))
             if found < 0:
                 found = self._find_lru()
-                self.n_evictions_lossy += 1
-            self.n_evictions += 1
+                self.sh.n_evictions_lossy += 1
+            self.sh.n_evictions += 1
             self._delete(<uint64_t>found)
-        elif (self.count + 1) * 5 > self.cap * 4 and self.cap < self.cap_max:
+        elif (self.sh.count + 1) * 5 > self.cap * 4 and self.cap < self.cap_max:
             self._resize(_min_u64(self.cap * 2, self.cap_max))
-        if n > INLINE:
+        if n > INLINE and not self.shared:
             copy = <unsigned char*>malloc(n)
             if copy == NULL:
                 raise MemoryError()
@@ -716,10 +870,10 @@ cdef class BucketTable:
         s.tat = tat
         s.last_used = now_ns
         if copy == NULL:
-            memcpy(s.key, k, n)
+            memcpy(s.key, k, DIGEST if n > INLINE else n)   # (a digest when n > INLINE)
         else:
             memcpy(s.key, &copy, sizeof(copy))
-        self.count += 1
+        self.sh.count += 1
         self._note(i, tat, now_ns)
         return 0
 
@@ -741,16 +895,16 @@ cdef class BucketTable:
         self._note(i, tat, INF64)
 
     cdef inline uint64_t _home(self, Slot* s) noexcept:
-        return fgw_fastrange(
-            fgw_siphash13(self.k0, self.k1, _slot_key(s), s.klen), self.cap)
+        return fgw_fastrange(fgw_siphash13(
+            self.k0, self.k1, _slot_key(s, self.shared), _stored_len(s, self.shared)), self.cap)
 
     cdef void _delete(self, uint64_t i) noexcept:
         """Empty slot ``i`` by backward shift: each later slot of the run moves back
         if its home allows, so lookups never need tombstones."""
         cdef uint64_t j = i, home
         cdef const unsigned char* p
-        if self.slots[i].klen > INLINE:
-            p = _slot_key(&self.slots[i])
+        if self.slots[i].klen > INLINE and not self.shared:
+            p = _slot_key(&self.slots[i], False)
             free(<void*>p)
             self.long_key_bytes -= self.slots[i].klen
         while True:
@@ -766,7 +920,7 @@ cdef class BucketTable:
                 self._note(i, self.slots[i].tat, self.slots[i].last_used)
                 i = j
         self.slots[i].policy = 0
-        self.count -= 1
+        self.sh.count -= 1
 
     cdef int _resize(self, uint64_t new_cap) except -1:
         cdef Slot* old = self.slots
@@ -910,3 +1064,22 @@ cdef class BucketTable:
 cdef inline uint64_t _min_u64(uint64_t a, uint64_t b) noexcept nogil:
     return a if a < b else b
 
+
+cdef void _seed(Shared* sh) except *:
+    """A new table's random hash and digest keys."""
+    seed = os.urandom(32)
+    sh.k0 = int.from_bytes(seed[:8], "little")
+    sh.k1 = int.from_bytes(seed[8:16], "little")
+    sh.k2 = int.from_bytes(seed[16:24], "little")
+    sh.k3 = int.from_bytes(seed[24:], "little")
+
+
+cdef inline void _digest(Shared* sh, const unsigned char* k, Py_ssize_t n,
+                         unsigned char* out) noexcept:
+    """128 bits of keyed hash: what a shared table keeps of a key over 40 bytes. Two
+    keys share a digest with probability 2**-128 (the key is secret), so a long key's
+    bucket is its own in every practical sense."""
+    cdef uint64_t a = fgw_siphash13(sh.k2, sh.k3, k, <size_t>n)
+    cdef uint64_t b = fgw_siphash13(sh.k3, sh.k2, k, <size_t>n)
+    memcpy(out, &a, 8)
+    memcpy(out + 8, &b, 8)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -532,9 +533,11 @@ class Model:
 
 
 def check_against_model(
-    max_keys: int, ops: list[tuple[bytes, int, int, tuple[float, float]]]
+    max_keys: int,
+    ops: list[tuple[bytes, int, int, tuple[float, float]]],
+    table: BucketTable | None = None,
 ) -> dict[str, int]:
-    t = BucketTable(max_keys)
+    t = BucketTable(max_keys) if table is None else table
     m = Model(max_keys)
     for key, cost, now_ns, (rate, burst) in ops:
         now = s(now_ns)
@@ -589,3 +592,141 @@ def test_agrees_with_the_model_on_a_crowded_table() -> None:
         ops.append((rng.choice(keys), rng.randrange(0, 4), now, pol))
     stats = check_against_model(300, ops)
     assert stats["evictions"] > stats["evictions_lossy"] > 0, stats
+
+
+# ---------------------------------------------------------------------------------------
+# Shared tables: one table in a file that several processes map
+
+
+def test_shared_handles_see_one_table(tmp_path: Path) -> None:
+    path = tmp_path / "buckets"
+    a = BucketTable(100, path)
+    b = BucketTable(100, str(path))
+    assert a.path == b.path == str(path) and BucketTable(4).path is None
+    assert [a.take(b"k", 1, 0.0, 10.0, 10.0) for _ in range(6)] == [0.0] * 6
+    assert [b.take(b"k", 1, 0.0, 10.0, 10.0) for _ in range(4)] == [0.0] * 4
+    assert a.take(b"k", 1, 0.0, 10.0, 10.0) == b.take(b"k", 1, 0.0, 10.0, 10.0) == 0.1
+    # A policy b has not seen yet, added by a, then used by b: the debt of 10 tokens
+    # is kept, at 1/s.
+    assert a.take(b"k", 1, 0.0, 1.0, 10.0) == 1.0
+    assert b.remaining(b"k", 0.0, 1.0, 10.0) == 0
+    assert b.take(b"k", 1, 1.0, 1.0, 10.0) == 0.0
+    assert a.take(b"k", 1, 1.0, 1.0, 10.0) == 1.0
+    long_key = b"L" * 100
+    assert a.take(long_key, 3, 0.0, 10.0, 10.0) == 0.0
+    assert b.remaining(long_key, 0.0, 10.0, 10.0) == 7
+    assert long_key in b and long_key[:-1] + b"M" not in b
+    assert len(a) == len(b) == 2
+    assert sorted(map(len, a.keys())) == [1, 16]  # a long key is kept as its digest
+    assert a.statistics() == b.statistics()
+    assert (a.statistics()["allowed"], a.statistics()["limited"]) == (12, 4)
+
+
+def test_a_mismatched_file_is_reinitialised(tmp_path: Path) -> None:
+    path = tmp_path / "buckets"
+    path.write_bytes(b"not a table" * 1000)
+    t = BucketTable(100, path)
+    assert len(t) == 0
+    drain(t, b"k", 0.0, 10.0, 10.0)
+    assert len(BucketTable(100, path)) == 1  # same shape: the same table
+    del t
+    assert len(BucketTable(200, path)) == 0  # another capacity: a new table
+    assert len(BucketTable(100, path)) == 0
+
+
+def test_shared_table_agrees_with_the_model(tmp_path: Path) -> None:
+    """The crowded-table sequence, short keys only (a shared table keeps a long key as
+    its digest, which keys() lists): eviction and reload rules are the same."""
+    rng = random.Random(67)
+    keys = [b"user-%d" % i for i in range(700)]
+    ops, now = [], 10**12
+    for i in range(4000):
+        busy = (i // 1000) % 2 == 0
+        now += rng.choice([0, 10**5]) if busy else rng.choice([10**7, 10**8])
+        pol = rng.choice(POLICIES[:4]) if rng.random() < 0.05 else (1.0, 5.0)
+        ops.append((rng.choice(keys), rng.randrange(0, 4), now, pol))
+    stats = check_against_model(300, ops, BucketTable(300, tmp_path / "buckets"))
+    assert stats["evictions"] > stats["evictions_lossy"] > 0, stats
+
+
+def _hammer(path: str, seconds: float, rate: float, burst: float, out: Any) -> None:
+    """In a child process: take from four keys of the shared table as fast as it can,
+    on CLOCK_MONOTONIC, and report every grant's (key index, ns)."""
+    import time
+
+    t = BucketTable(64, path)
+    grants: list[tuple[int, int]] = []
+    end = time.monotonic() + seconds
+    i = 0
+    while (now := time.monotonic()) < end:
+        k = i & 3
+        if t.take(b"key-%d" % k, 1, now, rate, burst) == 0.0:
+            grants.append((k, to_ns(now)))
+        i += 1
+    out.put(grants)
+
+
+def _drain_together(path: str, takes: int, burst: float, start: Any, out: Any) -> None:
+    """In a child process: once both children are ready, ``takes`` takes of one key at
+    one instant (nothing refills); report how many were granted."""
+    t = BucketTable(64, path)
+    take = t.take
+    start.wait()
+    out.put(sum(take(b"one", 1, 0.0, 1e-3, burst) == 0.0 for _ in range(takes)))
+
+
+def test_processes_sharing_a_table_lose_no_take(tmp_path: Path) -> None:
+    """Two processes taking from one key at the same time, together more than its
+    burst: exactly ``burst`` tokens are granted, and the shared counters add up. (Without
+    the table's lock, concurrent read-modify-writes of the bucket grant more.)"""
+    import multiprocessing
+
+    takes, burst = 300_000, 400_000
+    path = str(tmp_path / "buckets")
+    t = BucketTable(64, path)
+    ctx = multiprocessing.get_context("spawn")
+    out, start = ctx.Queue(), ctx.Barrier(2)
+    procs = [
+        ctx.Process(target=_drain_together, args=(path, takes, burst, start, out)) for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    granted = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert sum(granted) == burst and min(granted) > 0, granted
+    stats = t.statistics()
+    assert (stats["allowed"], stats["limited"]) == (burst, 2 * takes - burst)
+    assert t.remaining(b"one", 0.0, 1e-3, burst) == 0
+
+
+def test_processes_sharing_a_table_never_get_more_than_burst_plus_rate(
+    tmp_path: Path,
+) -> None:
+    """Two processes hammering one shared table: per key, the grants of both together
+    (on the common clock) never exceed burst + rate x elapsed over any window, and come
+    close to it (the table is not simply refusing)."""
+    import multiprocessing
+
+    rate, burst, seconds = 400, 20, 0.5
+    path = str(tmp_path / "buckets")
+    BucketTable(64, path)  # initialised once, before the children race to open it
+    ctx = multiprocessing.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_hammer, args=(path, seconds, rate, burst, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(len(r) > 0 for r in results)  # both processes got grants
+    for k in range(4):
+        times = sorted(ns for r in results for key, ns in r if key == k)
+        # The count within every window [times[i], times[j]] is j - i + 1 grants.
+        for i in range(len(times)):
+            for j in range(i, len(times)):
+                assert (j - i + 1 - burst) * NS <= rate * (times[j] - times[i]), (k, i, j)
+        span = times[-1] - times[0]
+        assert len(times) >= burst + rate * span / NS * 0.5, (k, len(times), span)
