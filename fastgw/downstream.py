@@ -24,6 +24,7 @@ is closed, because framing is then in doubt.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,7 @@ from fastgw._core.http import (
 )
 from fastgw.errors import ProtocolError
 from fastgw.transport import PlainTransport
+from fastgw.upstream.backend import Unavailable
 from fastgw.upstream.pool import Pool, UpstreamConn, UpstreamConnectError
 
 if TYPE_CHECKING:
@@ -248,6 +250,7 @@ class Downstream:
         "rid",
         "route",
         "scope",
+        "slot",
         "t",
         "t0",
         "upconn",
@@ -269,6 +272,8 @@ class Downstream:
         self.decision_reason: str | None = None
         self.t0 = 0.0
         self.upconn: UpstreamConn | None = None
+        # An admission slot (backend, pool, caller key) held for the current exchange.
+        self.slot: tuple[Any, Pool, bytes | None] | None = None
         # True once any byte of a response to the current request went to the client.
         self.answered = False
         # Set when an error answer closes the connection: the gateway then drains what
@@ -339,6 +344,8 @@ class Downstream:
                 rid = gw.next_request_id()
             self.rid = rid
             buf, pos, keep = await self._exchange(state, head, buf, pos, rid)
+            if self.slot is not None:
+                self.release_slot()
             self.route = None
             self.identity = None
             if not keep:
@@ -418,7 +425,17 @@ class Downstream:
             )
             return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
 
-        pool = backend.pick()
+        if backend.gated:
+            # Caps, queue or hashing (fastgw/upstream/backend.py): a slot on an endpoint.
+            pool = await self._admit(backend, head, rid, kind != BODY_NONE)
+            if pool is None:
+                return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+        else:
+            pool = backend.pick()
+            if pool is None:
+                # Every endpoint asked for a pause (Retry-After): pass that on.
+                await self._unavailable(backend.resume_in_s(), rid, kind != BODY_NONE)
+                return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
         if state.credentials:
             # Upstream credential: waits for a first fetch; SigV4 reads the body whole.
             got_cred = await self._credential_ready(state, head, route, pool, buf, pos, rid)
@@ -586,6 +603,13 @@ class Downstream:
 
         fb_s = _clock() - t_sent
         backend.first_byte.observe(fb_s)
+
+        # The outcome, for balancing (pool.py): a 429/503 with Retry-After pauses the
+        # endpoint, 5xx count toward ejection; else one compare (and a reset after errors).
+        if rh.status >= 429:
+            pool.outcome(rh.status, rh)
+        elif pool.c5xx:
+            pool.c5xx = pool.cgw = 0
 
         # Response head and body, upstream -> client.
         keep = head.keep_alive and not gw.draining
@@ -822,6 +846,49 @@ class Downstream:
             rid,
             close=close,
         )
+
+    async def _admit(self, backend, head, rid: bytes, close: bool):  # type: ignore[no-untyped-def]
+        """A slot on one of ``backend``'s endpoints (waiting in its queue if need be);
+        None when the request was answered (503/429 with Retry-After)."""
+        hk = None
+        if backend.config.balance == "hash":
+            hk = head.get(backend.hash_header) if backend.hash_header else self.caller_key()
+        ident = self.caller_key() if backend.ident_cap else None
+        # The queue wait has its own timeout; keep the watchdog from cutting it short.
+        self.phase = UPSTREAM
+        self.deadline = self.gw.now + backend.config.queue_timeout_s + 1.0
+        try:
+            pool = await backend.admit(ident, hk)
+        except Unavailable as e:
+            self.gw.count_error(e.code)
+            await self.send_error(
+                e.status, e.code, e.detail, rid, close=close,
+                extra=b"Retry-After: %d\r\n" % e.retry_after_s,
+            )  # fmt: skip
+            return None
+        self.slot = (backend, pool, ident)
+        return pool
+
+    def release_slot(self) -> None:
+        slot = self.slot
+        if slot is not None:
+            self.slot = None
+            slot[0].release(slot[1], slot[2])
+
+    def caller_key(self) -> bytes:
+        """Who is calling, for hashing and per-caller caps: the verified identity, or
+        the client address for anonymous callers."""
+        i = self.identity
+        if i is None or i.kind == "anonymous":
+            return b"ip:" + self.peer_ip
+        return f"{i.kind}:{i.issuer or ''}:{i.subject}".encode()
+
+    async def _unavailable(self, wait_s: float, rid: bytes, close: bool) -> None:
+        self.gw.count_error("upstream_paused")
+        await self.send_error(
+            503, "upstream_paused", "the function asked for a pause (Retry-After)", rid,
+            close=close, extra=b"Retry-After: %d\r\n" % max(1, math.ceil(wait_s)),
+        )  # fmt: skip
 
     async def _upstream_piece(self, ut: PlainTransport, deadline_total: float, lim) -> bytes:  # type: ignore[no-untyped-def]
         bt = self.gw.now + lim.body_timeout_s

@@ -286,6 +286,7 @@ class Gateway:
                 self.clock = trio.lowlevel.current_clock()
                 self.trio_token = trio.lowlevel.current_trio_token()
                 nursery.start_soon(self._watchdog)
+                self._start_health_checks(self.state)
                 await nursery.start(self.credentials.run)
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)
@@ -350,6 +351,7 @@ class Gateway:
         for b in old_state.backends.values():
             if id(b) not in kept:
                 b.close()  # busy connections close when their exchange releases them
+        self._start_health_checks(state)
         if old_state.verifier is not state.verifier:
             if old_state.verifier is not None:
                 scope = self._verifier_scopes.pop(id(old_state.verifier), None)
@@ -443,6 +445,23 @@ class Gateway:
         # Not awaited: the gateway serves while an identity provider is down (requests
         # for that issuer get 503 until its keys arrive).
         self._nursery.start_soon(run)
+
+    def _start_health_checks(self, state: GatewayState) -> None:
+        """Start the active health checker of each backend that has one configured and
+        none running yet (a backend kept over a reload keeps its checker); it stops
+        when the backend is closed (its scope is cancelled)."""
+        for b in state.backends.values():
+            if b.config.health_check is None or b.health_scope is not None:
+                continue
+            scope = b.health_scope = trio.CancelScope()
+
+            async def run(b: Backend = b, scope: trio.CancelScope = scope) -> None:
+                from fastgw.upstream.health import run_health_checks
+
+                with scope:
+                    await run_health_checks(b)
+
+            self._nursery.start_soon(run)
 
     def _start_listener(self, lst: _Listener) -> None:
         lst.scope = trio.CancelScope()
@@ -582,6 +601,8 @@ class Gateway:
             if d.upconn is not None:
                 d.upconn.pool.release(d.upconn, False)
                 d.upconn = None
+            if d.slot is not None:
+                d.release_slot()
             t.close()
             self.connections.discard(d)
             self._limiter.release_on_behalf_of(token)

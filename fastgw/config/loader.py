@@ -54,12 +54,14 @@ from fastgw.config.model import (
     Endpoint,
     GatewayConfig,
     HeaderActions,
+    HealthCheckConfig,
     HedgeConfig,
     IdentityConfig,
     Limits,
     LimitsStoreConfig,
     LimitTier,
     ListenerConfig,
+    OutlierConfig,
     PolicyConfig,
     PolicyRule,
     RateLimitConfig,
@@ -125,12 +127,26 @@ _BACKEND_KEYS = (
     "pool_max_size",
     "pool_idle_timeout_s",
     "balance",
+    "hash_on",
+    "health_check",
+    "outlier",
+    "max_in_flight",
+    "max_in_flight_per_identity",
+    "max_queued",
+    "queue_timeout_s",
+    "retry_after_max_s",
     "credential",
     "cold_after_idle_s",
     "cold_first_byte_timeout_s",
     "keep_warm_interval_s",
     "keep_warm_path",
 )
+# An endpoint given as a table instead of a URL string.
+_ENDPOINT_KEYS = ("url", "region", "priority", "weight", "max_in_flight")
+_HEALTH_KEYS = (
+    "path", "interval_s", "timeout_s", "healthy_threshold", "unhealthy_threshold",
+    "expected_statuses",
+)  # fmt: skip
 _ROUTE_KEYS = (
     "name",
     "backend",
@@ -1112,8 +1128,14 @@ class _Builder:
         else:
             for i, url in enumerate(raw):
                 where = f"endpoints[{i}]"
+                if isinstance(url, dict):
+                    ep = self._endpoint_table(r, where, url)
+                    if ep is not None:
+                        endpoints.append(ep)
+                    continue
                 if not isinstance(url, str):
-                    r.bad(where, f"expected string (a URL), got {_describe(url)}")
+                    got = _describe(url)
+                    r.bad(where, f"expected string (a URL) or table {{url = ...}}, got {got}")
                     continue
                 try:
                     endpoints.append(parse_endpoint(url))
@@ -1160,7 +1182,8 @@ class _Builder:
                     f"first_byte_timeout_s ({first:g} s) is longer than "
                     f"total_timeout_s ({total:g} s)",
                 )
-        balance = r.get_choice("balance", ("least_outstanding", "round_robin"))
+        balance = r.get_choice("balance", ("least_outstanding", "round_robin", "weighted", "hash"))
+        balancing = self._backend_balancing(r, t, balance)
         warm_path = r.get_str("keep_warm_path")
         if warm_path is not None:
             if not warm_path.startswith("/") or _TARGET_BAD_RE.search(warm_path):
@@ -1174,6 +1197,7 @@ class _Builder:
                 endpoints=tuple(endpoints),
                 credential=credential,
                 balance=balance or "least_outstanding",
+                **balancing,
                 ca_file=ca,
                 client_cert_file=cert,
                 client_key_file=key,
@@ -1324,6 +1348,118 @@ class _Builder:
             r.ok = False
             return None
         return CredentialConfig(**kw)
+
+    def _endpoint_table(self, r: _Reader, where: str, t: dict[str, Any]) -> Endpoint | None:
+        """``{url, region, priority, weight, max_in_flight}`` -> Endpoint, or None (the
+        problems reported under ``where``)."""
+        er = _Reader(self, r.file, r.at(where), t, _ENDPOINT_KEYS, r.base_dir)
+        url = er.get_str("url", required=True)
+        region = er.get_str("region")
+        priority = er.get_number("priority", ("int", 0, True))
+        weight = er.get_number("weight", ("int", 1, True))
+        cap = er.get_number("max_in_flight", ("int", 0, True))
+        ep = None
+        if url is not None:
+            try:
+                ep = parse_endpoint(url)
+            except ValueError as e:
+                er.bad("url", str(e))
+        if not er.ok or ep is None:
+            r.ok = False
+            return None
+        return dataclasses.replace(
+            ep,
+            region=region or "",
+            priority=priority or 0,
+            weight=1 if weight is None else weight,
+            max_in_flight=cap or 0,
+        )
+
+    def _backend_balancing(
+        self, r: _Reader, t: dict[str, Any], balance: str | None
+    ) -> dict[str, Any]:
+        """hash_on, caps and queue, Retry-After, [health_check] and [outlier] of a
+        backend, as BackendConfig keyword arguments (only those given)."""
+        out: dict[str, Any] = {
+            k: v for k, rule in _CAP_RULES.items() if (v := r.get_number(k, rule)) is not None
+        }
+        hash_on = r.get_str("hash_on")
+        if hash_on is not None:
+            if balance != "hash":
+                r.bad("hash_on", 'hash_on has no effect unless balance = "hash"')
+            elif not _HASH_ON_RE.match(hash_on):
+                r.bad("hash_on", f'must be "identity" or "header:<name>", got {_q(hash_on)}')
+            else:
+                out["hash_on"] = hash_on
+        if "queue_timeout_s" in t and not t.get("max_queued"):
+            r.bad("queue_timeout_s", "queue_timeout_s has no effect without max_queued")
+        hc = self._health_check(r, t)
+        if hc is not None:
+            out["health_check"] = hc
+        if "outlier" in t:
+            ot = _table(self, r.file, r.at("outlier"), t["outlier"])
+            if ot is None:
+                r.ok = False
+                return out
+            orr = _Reader(self, r.file, r.at("outlier"), ot, tuple(_OUTLIER_RULES), r.base_dir)
+            kw = {
+                k: v
+                for k, rule in _OUTLIER_RULES.items()
+                if (v := orr.get_number(k, rule)) is not None
+            }
+            pct = kw.get("max_ejection_percent")
+            if pct is not None and pct > 100:
+                orr.bad("max_ejection_percent", f"must be 0-100, got {pct}")
+            base = kw.get("base_ejection_time_s", _default(OutlierConfig, "base_ejection_time_s"))
+            top = kw.get("max_ejection_time_s", _default(OutlierConfig, "max_ejection_time_s"))
+            if base > top:
+                orr.bad(
+                    "base_ejection_time_s",
+                    f"base_ejection_time_s ({base:g} s) is longer than "
+                    f"max_ejection_time_s ({top:g} s)",
+                )
+            if orr.ok:
+                out["outlier"] = OutlierConfig(**kw)
+            else:
+                r.ok = False
+        return out
+
+    def _health_check(self, r: _Reader, t: dict[str, Any]) -> HealthCheckConfig | None:
+        if "health_check" not in t:
+            return None
+        hc = _table(self, r.file, r.at("health_check"), t["health_check"])
+        if hc is None:
+            r.ok = False
+            return None
+        hr = _Reader(self, r.file, r.at("health_check"), hc, _HEALTH_KEYS, r.base_dir)
+        kw: dict[str, Any] = {
+            k: v for k, rule in _HEALTH_RULES.items() if (v := hr.get_number(k, rule)) is not None
+        }
+        path = hr.get_str("path")
+        if path is not None:
+            if not path.startswith("/") or any(c.isspace() or ord(c) < 0x20 for c in path):
+                hr.bad("path", f"must start with / and have no spaces, got {_q(path)}")
+            else:
+                kw["path"] = path
+        statuses = hc.get("expected_statuses")
+        if statuses is not None:
+            if not isinstance(statuses, list) or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 100 <= x <= 599 for x in statuses
+            ):
+                got = _describe(statuses)
+                hr.bad("expected_statuses", f"expected array of status codes 100-599, got {got}")
+            else:
+                kw["expected_statuses"] = tuple(statuses)
+        interval = kw.get("interval_s", _default(HealthCheckConfig, "interval_s"))
+        timeout = kw.get("timeout_s", _default(HealthCheckConfig, "timeout_s"))
+        if timeout > interval:
+            hr.bad(
+                "timeout_s", f"timeout_s ({timeout:g} s) is longer than interval_s ({interval:g} s)"
+            )
+        if not hr.ok:
+            r.ok = False
+            return None
+        return HealthCheckConfig(**kw)
 
     def _route(self, file: str, base_dir: str, path: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, path, t, _ROUTE_KEYS, base_dir)

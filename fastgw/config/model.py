@@ -62,6 +62,16 @@ class Endpoint:
     host: str
     port: int
     path_prefix: str  # "" or "/prefix" without a trailing slash
+    # The table form ({url, region, priority, weight, max_in_flight}) sets these; a bare
+    # URL string keeps the defaults. Priority 0 is tried first; a higher level takes
+    # traffic only while every endpoint of the levels before it is unavailable
+    # (unhealthy, ejected, paused by Retry-After, or at its in-flight cap).
+    region: str = ""
+    priority: int = 0
+    weight: int = 1
+    # Requests in flight at once (a function's max instances x its per-instance
+    # concurrency); 0 = no cap beyond the pool's connections.
+    max_in_flight: int = 0
 
     @property
     def authority(self) -> str:
@@ -132,8 +142,29 @@ class BackendConfig:
     pool_max_size: int = 128
     pool_idle_timeout_s: float = 30.0
     # "least_outstanding": the less busy of two endpoints picked at random (the power
-    # of two choices: Envoy's default LEAST_REQUEST); "round_robin".
+    # of two choices: Envoy's default LEAST_REQUEST); "round_robin"; "weighted" (smooth
+    # weighted round robin over the endpoints' weights); "hash" (weighted rendezvous
+    # hashing on ``hash_on``: a caller sticks to one endpoint while it is available).
     balance: str = "least_outstanding"
+    # The upstream credential (ID token, SigV4, function key, bearer file); None: none.
+    credential: CredentialConfig | None = None
+    # "identity" (the verified caller, the client address for anonymous ones) or
+    # "header:<name>"; only with balance = "hash".
+    hash_on: str = "identity"
+    health_check: HealthCheckConfig | None = None
+    outlier: OutlierConfig = field(default_factory=lambda: OutlierConfig())
+    # Requests in flight across the backend (0 = no cap); per caller (0 = no cap).
+    max_in_flight: int = 0
+    max_in_flight_per_identity: int = 0
+    # Requests waiting (FIFO) for a slot when the caps are full; 0 = answer 503 at once.
+    max_queued: int = 0
+    # 5 s in the queue at most: a little over a warm function's typical latency; the
+    # caller then gets 503 with Retry-After rather than an open-ended wait.
+    queue_timeout_s: float = 5.0
+    # An upstream 429/503 with Retry-After pauses that endpoint for that long, at most
+    # this (60 s: Retry-After values past a minute are usually "come back much later",
+    # and an endpoint that recovers sooner is found by the next pause). 0 disables.
+    retry_after_max_s: float = 60.0
     # Cold starts (scale to zero). An endpoint idle longer than ``cold_after_idle_s``
     # (the platform's scale-to-zero window; None: never judged cold by idleness) is
     # "likely cold", as is one reached on a fresh connection or whose last first byte
@@ -145,8 +176,50 @@ class BackendConfig:
     # (None: off). Costs the function an invocation per interval per endpoint.
     keep_warm_interval_s: float | None = None
     keep_warm_path: str = "/"
-    # The upstream credential (ID token, SigV4, function key, bearer file); None: none.
-    credential: CredentialConfig | None = None
+
+    @property
+    def gated(self) -> bool:
+        """Whether requests pass the async admission step (caps, queue, hashing)."""
+        return bool(
+            self.max_in_flight
+            or self.max_in_flight_per_identity
+            or self.max_queued
+            or self.balance == "hash"
+            or any(e.max_in_flight for e in self.endpoints)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active checks: GET ``path`` on each endpoint every ``interval_s`` over its own
+    connection (not a pooled one). An endpoint is marked down after
+    ``unhealthy_threshold`` failures in a row and up after ``healthy_threshold``
+    successes (HAProxy's fall 3 / rise 2 defaults). ``expected_statuses`` empty means
+    any 2xx."""
+
+    path: str = "/"
+    # 10 s: a check is a function invocation (billed, and it keeps an instance warm);
+    # HAProxy's 2 s default suits long-lived servers more than functions.
+    interval_s: float = 10.0
+    timeout_s: float = 2.0
+    healthy_threshold: int = 2
+    unhealthy_threshold: int = 3
+    expected_statuses: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """Passive ejection, with Envoy's outlier-detection defaults (consecutive_5xx 5,
+    consecutive_gateway_failure 5, base_ejection_time 30 s, max_ejection_time 300 s,
+    max_ejection_percent 10 % but at least one endpoint). An ejection lasts
+    ``base_ejection_time_s`` x the endpoint's ejection count, at most
+    ``max_ejection_time_s``. 0 for a consecutive count disables that kind."""
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    base_ejection_time_s: float = 30.0
+    max_ejection_time_s: float = 300.0
+    max_ejection_percent: int = 10
 
 
 @dataclass(frozen=True, slots=True)

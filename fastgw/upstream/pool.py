@@ -10,13 +10,23 @@ path closes it, so a connection in an unknown state is never reused.
 
 Raises ``UpstreamConnectError`` when a connection cannot be opened (refused, timeout,
 TLS failure); it says whether anything could have reached the function (never, here).
+
+A pool also carries its endpoint's state for balancing (see backend.py): ``down`` is
+0.0 while the endpoint may take traffic, else the time until which it should not (an
+ejection, a Retry-After pause; ``inf`` while an active health check has it down), so
+the balancer tests one float per candidate. The downstream reports outcomes through
+``outcome(status, head)`` (a response head) and ``failed()`` (a reset, a timeout, a
+malformed response); both cost an int compare and a counter in the common case.
 """
 
 from __future__ import annotations
 
+import math
 import socket
 import ssl
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING
 
 import trio
@@ -25,6 +35,7 @@ from fastgw.config.model import BackendConfig, Endpoint
 from fastgw.transport import PlainTransport, TLSTransport
 
 if TYPE_CHECKING:
+    from fastgw.upstream.backend import Backend
     from fastgw.upstream.retry import EndpointTrack
 
 # A pooled connection idle for less than this is reused without first peeking for a FIN:
@@ -93,22 +104,36 @@ def make_client_tls_context(backend: BackendConfig) -> ssl.SSLContext:
 class Pool:
     __slots__ = (
         "_busy",
+        "_check_fails",
+        "_check_oks",
         "_connect_failures",
         "_created",
         "_dropped_dead",
         "_idle",
+        "_last_ejection_end",
         "_lot",
         "_reused",
         "_waits",
+        "admitted",
         "backend",
+        "c5xx",
+        "cap",
+        "cgw",
         "closed",
+        "down",
         "ejected_until",
         "ejections",
         "endpoint",
+        "group",
+        "healthy",
         "host_header",
         "idle_timeout_s",
         "max_size",
+        "outlier_ejections",
         "path_prefix",
+        "paused_until",
+        "pauses",
+        "swrr",
         "tls_context",
         "track",  # retries/hedging (fastgw/upstream/retry.py), see below
     )
@@ -139,6 +164,23 @@ class Pool:
         self.ejected_until = 0.0
         self.ejections = 0
         self._connect_failures = 0
+        # Balancing state (backend.py): see the module docstring for ``down``.
+        self.down = 0.0
+        self.paused_until = 0.0
+        self.pauses = 0
+        self.healthy = True
+        self._check_oks = 0
+        self._check_fails = 0
+        # Consecutive 5xx responses / gateway failures (Envoy's two outlier counters).
+        self.c5xx = 0
+        self.cgw = 0
+        self.outlier_ejections = 0
+        self._last_ejection_end = 0.0
+        # Admission (caps): requests admitted to this endpoint now, and its cap.
+        self.admitted = 0
+        self.cap = endpoint.max_in_flight or (1 << 62)
+        self.swrr = 0  # smooth weighted round robin's running weight
+        self.group: Backend | None = None  # set by the Backend that owns this pool
         # Recent first-byte latencies, kept by fastgw/upstream/retry.py for routes that
         # hedge (None until one does).
         self.track: EndpointTrack | None = None
@@ -148,8 +190,133 @@ class Pool:
             return False
         if trio.current_time() >= self.ejected_until:
             self.ejected_until = 0.0
+            self._set_down()
             return False
         return True
+
+    # -- endpoint state for balancing ---------------------------------------------------
+
+    def available(self, now: float) -> bool:
+        """Healthy, not ejected and not paused at ``now`` (expired states are cleared)."""
+        if not self.down:
+            return True
+        if self.ejected_until and now >= self.ejected_until:
+            self.ejected_until = 0.0
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+        self._set_down()
+        return not self.down
+
+    def paused(self, now: float) -> bool:
+        if self.paused_until and now >= self.paused_until:
+            self.paused_until = 0.0
+            self._set_down()
+        return bool(self.paused_until)
+
+    def _set_down(self) -> None:
+        if not self.healthy:
+            self.down = math.inf
+        else:
+            e, p = self.ejected_until, self.paused_until
+            self.down = e if e > p else p
+
+    def eject(self, duration_s: float) -> bool:
+        """Take the endpoint out of balancing for ``duration_s``, unless the backend's
+        ``max_ejection_percent`` is reached. Returns whether it was ejected."""
+        now = trio.current_time()
+        group = self.group
+        if group is not None and not group.may_eject(self, now):
+            return False
+        self.ejections += 1
+        until = now + duration_s
+        if until > self.ejected_until:
+            self.ejected_until = until
+        self._set_down()
+        return True
+
+    def pause(self, duration_s: float) -> None:
+        """Retry-After: no traffic for ``duration_s`` (already capped by the caller)."""
+        until = trio.current_time() + duration_s
+        if until > self.paused_until:
+            self.paused_until = until
+            self.pauses += 1
+            self._set_down()
+        if self.group is not None:
+            self.group.state_changed()
+
+    def set_healthy(self, healthy: bool) -> None:
+        if healthy != self.healthy:
+            self.healthy = healthy
+            self._set_down()
+            if self.group is not None:
+                self.group.state_changed()
+
+    def check_result(self, ok: bool, healthy_threshold: int, unhealthy_threshold: int) -> None:
+        """One active health check's result: down after ``unhealthy_threshold`` failures
+        in a row, up after ``healthy_threshold`` successes in a row."""
+        if ok:
+            self._check_fails = 0
+            self._check_oks += 1
+            if not self.healthy and self._check_oks >= healthy_threshold:
+                self.set_healthy(True)
+        else:
+            self._check_oks = 0
+            self._check_fails += 1
+            if self.healthy and self._check_fails >= unhealthy_threshold:
+                self.set_healthy(False)
+
+    # -- outcome reports (the downstream calls these) -----------------------------------
+
+    def outcome(self, status: int, head: object = None) -> None:
+        """A response head came back with ``status`` (``head``: the parsed head, for
+        Retry-After). The common case is one compare and, after errors, a reset."""
+        if status >= 429:
+            self._bad_status(status, head)
+        elif self.c5xx:
+            self.c5xx = self.cgw = 0
+
+    def failed(self) -> None:
+        """A gateway failure on an exchange: reset, timeout, malformed response (a
+        refused connect is counted by the pool itself)."""
+        self.c5xx += 1
+        self.cgw += 1
+        self._maybe_eject()
+
+    def _bad_status(self, status: int, head: object) -> None:
+        if status == 429 or status == 503:
+            get = getattr(head, "get", None)
+            value = get(b"retry-after") if get is not None else None
+            cap_s = self.backend.retry_after_max_s
+            if value is not None and cap_s > 0:
+                wait_s = retry_after_s(value, time.time())
+                if wait_s is not None and wait_s > 0:
+                    self.pause(wait_s if wait_s < cap_s else cap_s)
+        if status >= 500:
+            self.c5xx += 1
+            if status == 502 or status == 503 or status == 504:
+                self.cgw += 1
+            else:
+                self.cgw = 0
+            self._maybe_eject()
+        elif self.c5xx:
+            self.c5xx = self.cgw = 0
+
+    def _maybe_eject(self) -> None:
+        o = self.backend.outlier
+        if (o.consecutive_5xx and self.c5xx >= o.consecutive_5xx) or (
+            o.consecutive_gateway_failure and self.cgw >= o.consecutive_gateway_failure
+        ):
+            self.c5xx = self.cgw = 0
+            now = trio.current_time()
+            # The multiplier starts over once the endpoint stayed in service for longer
+            # than the longest ejection (Envoy lowers it over quiet intervals likewise).
+            if self._last_ejection_end and now - self._last_ejection_end > o.max_ejection_time_s:
+                self.outlier_ejections = 0
+            n = self.outlier_ejections + 1
+            duration = min(o.max_ejection_time_s, o.base_ejection_time_s * n)
+            if self.eject(duration):
+                self.outlier_ejections = n
+                self._last_ejection_end = now + duration
 
     @property
     def outstanding(self) -> int:
@@ -281,8 +448,8 @@ class Pool:
     def _connect_failed(self) -> None:
         self._connect_failures += 1
         n = self._connect_failures
-        self.ejections += 1
-        self.ejected_until = trio.current_time() + min(EJECT_MAX_S, EJECT_BASE_S * 2 ** (n - 1))
+        self.cgw += 1
+        self.eject(min(EJECT_MAX_S, EJECT_BASE_S * 2 ** (n - 1)))
 
     async def _connect(self) -> PlainTransport:
         ep = self.endpoint
@@ -319,3 +486,18 @@ class Pool:
                 raise
             return tls
         raise UpstreamConnectError(ep, f"connect failed: {last}")
+
+
+def retry_after_s(value: bytes, now_unix: float) -> float | None:
+    """Seconds to wait from a Retry-After value (RFC 9110 10.2.3: delay-seconds or an
+    HTTP-date), or None when it is neither."""
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = parsedate_to_datetime(value.decode("latin-1"))
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None or when.tzinfo is None:
+        return None
+    return when.timestamp() - now_unix

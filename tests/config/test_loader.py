@@ -707,7 +707,7 @@ CASES: list[tuple[str, dict[str, object], str, str]] = [
         "second endpoint",
         {"backend": {"endpoints": '["http://127.0.0.1:1", 5]'}},
         "backends.fn.endpoints[1]",
-        "expected string (a URL), got integer 5",
+        "expected string (a URL) or table {url = ...}, got integer 5",
     ),
     (
         "endpoints empty",
