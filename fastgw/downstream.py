@@ -989,7 +989,7 @@ class Downstream:
         table = self.gw.buckets
         if table is None:
             return None
-        now = self.gw.clock.current_time()
+        now = self.gw.limit_now()
         if route.limits_tiered:
             return self._over_limit_tiered(route, head, table, now)
         for lim in route.limits:

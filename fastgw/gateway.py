@@ -24,7 +24,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -160,7 +160,13 @@ def _listener_tls_context(lc: ListenerConfig) -> ssl.SSLContext:
 class Gateway:
     """An embeddable fastgw instance. See the module docstring."""
 
-    def __init__(self, config: GatewayConfig, *, reuse_port: bool = False) -> None:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        reuse_port: bool = False,
+        shared_buckets: tuple[str, int] | None = None,
+    ) -> None:
         # Upstream credential caches, one per (type, source, audience), run in serve();
         # a reload keeps the caches of unchanged keys (no refetch) and stops the rest.
         from fastgw.upstream.credentials import CredentialRegistry
@@ -197,7 +203,10 @@ class Gateway:
         # token yields the same Identity object, so a repeat caller is one lookup.
         self.identity_info: dict[object, tuple[str | None, bytes]] = {}
         # Rate-limit buckets: the gateway's, not a config's, so a reload keeps them.
-        self.buckets = BucketTable(config.max_limit_keys) if config.rate_limits else None
+        # ``shared_buckets`` (path, max_keys): the table in a file that every worker of
+        # ``--workers N`` maps (the supervisor makes it), so they share one bucket per key.
+        self.shared_buckets = shared_buckets
+        self.buckets = self._new_buckets(config) if config.rate_limits else None
         # [limits_store] type = "redis": the shared buckets, whose client runs in the
         # serve nursery (None until serve starts, and with the local store). Its
         # connection may be borrowed for other scripts (``redis_limits.client``). A
@@ -208,11 +217,21 @@ class Gateway:
         # The clock rate limits read (trio's, so the mock clock drives the tests); bound
         # once, since trio.current_time() walks three Python calls.
         self.clock: Any = None
+        # The time rate limits take at: trio's clock (serve() binds it) for a private
+        # table; for a shared one CLOCK_MONOTONIC, the one time base of every process
+        # on the machine (trio's clock adds a random offset per process).
+        self.limit_now: Callable[[], float] = time.monotonic
         self._admin: AdminServer | None = None
         # The coarse clock every connection computes its deadlines from; the watchdog
         # advances it each tick.
         self.now = 0.0
         self.last_tick_monotonic = time.monotonic()  # read by the admin thread (/healthz)
+
+    def _new_buckets(self, config: GatewayConfig) -> BucketTable:
+        if self.shared_buckets is not None:
+            path, max_keys = self.shared_buckets
+            return BucketTable(max_keys, path)
+        return BucketTable(config.max_limit_keys)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> Gateway:
@@ -284,6 +303,8 @@ class Gateway:
                     self._start_listener(lst)
                 self.now = trio.current_time()
                 self.clock = trio.lowlevel.current_clock()
+                if self.shared_buckets is None:
+                    self.limit_now = self.clock.current_time
                 self.trio_token = trio.lowlevel.current_trio_token()
                 nursery.start_soon(self._watchdog)
                 self._start_health_checks(self.state)
@@ -335,7 +356,7 @@ class Gateway:
             self.credentials.retain(self.state.credential_keys)
             raise
         if self.buckets is None and config.rate_limits:
-            self.buckets = BucketTable(config.max_limit_keys)
+            self.buckets = self._new_buckets(config)
         old_state, old_listeners = self.state, self._listeners
         self.state = state
         self.credentials.retain(state.credential_keys)
@@ -408,7 +429,7 @@ class Gateway:
         from fastgw.policy.redis_limits import redis_buckets
 
         if self.buckets is None:
-            self.buckets = BucketTable(config.max_limit_keys)
+            self.buckets = self._new_buckets(config)
         shared = redis_buckets(
             store.address,
             password=store.password,
@@ -417,7 +438,9 @@ class Gateway:
             prefix=store.prefix.encode(),
             timeout_s=store.timeout_s,
             on_failure=store.on_failure,
-            local=self.buckets,  # on_failure = "local" takes from the gateway's own table
+            # on_failure = "local" takes from the gateway's own table (a private one when
+            # the workers share theirs: the fallback reads trio's clock, not theirs).
+            local=self.buckets if self.shared_buckets is None else None,
         )
         scope = trio.CancelScope()
         self._redis_scope = scope

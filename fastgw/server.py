@@ -23,7 +23,7 @@ from fastgw.config.loader import load_config
 from fastgw.config.model import GatewayConfig
 from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway, bound_urls
-from fastgw.supervisor import WORKER_ENV, worker_overrides
+from fastgw.supervisor import WORKER_ENV, worker_overrides, worker_shared_buckets
 
 Ready = Callable[[list[tuple[str, int]]], None]
 
@@ -141,7 +141,9 @@ def run(
     worker = bool(os.environ.get(WORKER_ENV))
     if worker:
         config = worker_overrides(config)
-    gw = Gateway(config, reuse_port=worker)
+    gw = Gateway(
+        config, reuse_port=worker, shared_buckets=worker_shared_buckets() if worker else None
+    )
     return trio.run(serve_until_signalled, gw, ready or _print_ready(config, gw), config_path)
 
 

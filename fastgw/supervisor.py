@@ -13,7 +13,14 @@ workers. The supervisor (this module) serves no traffic. It:
   SIGINT forwards SIGTERM, waits for the workers to drain, and exits 0 when all did;
 - serves the admin listener for the group: ``/metrics`` adds up the workers' own
   metrics (each worker runs its admin endpoint on an ephemeral loopback port and says
-  which on its output), so a scrape sees the whole process group.
+  which on its output), so a scrape sees the whole process group;
+- makes a private directory (on /dev/shm when there is one) for the state the workers
+  share, and removes it at exit: the rate-limit buckets live in one file there, which
+  each worker maps (``fastgw/_core/bucket.pyx``, "Shared tables"), so a caller's limit
+  is one bucket whichever worker the kernel hands its connection to. The workers learn
+  the file and its size (``max_limit_keys`` of the config the group started with; a
+  reload keeps the table, and a restarted worker must map it the same) through
+  ``FASTGW_SHARED_BUCKETS``.
 """
 
 from __future__ import annotations
@@ -22,10 +29,12 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 
 import h11
@@ -35,6 +44,8 @@ from fastgw.config.model import GatewayConfig
 
 PORTS_ENV = "FASTGW_WORKER_PORTS"
 WORKER_ENV = "FASTGW_WORKER"
+# "<max_keys>:<path>" of the bucket table the workers share.
+SHARED_BUCKETS_ENV = "FASTGW_SHARED_BUCKETS"
 # A worker that dies within this long of starting counts as a crash at start; after
 # three in a row the supervisor waits longer before the next try (up to 10 s).
 _EARLY_DEATH_S = 2.0
@@ -69,6 +80,15 @@ def worker_overrides(config: GatewayConfig) -> GatewayConfig:
     return dataclasses.replace(config, listeners=listeners, admin=admin)
 
 
+def worker_shared_buckets() -> tuple[str, int] | None:
+    """In a worker: (path, max_keys) of the bucket table the supervisor set up."""
+    text = os.environ.get(SHARED_BUCKETS_ENV, "")
+    if not text:
+        return None
+    max_keys, _, path = text.partition(":")
+    return path, int(max_keys)
+
+
 class Supervisor:
     def __init__(self, config: GatewayConfig, config_path: str, workers: int) -> None:
         self.config = config
@@ -77,6 +97,7 @@ class Supervisor:
         self.stopping = False
         self._holders: list[socket.socket] = []
         self.ports: dict[str, int] = {}
+        self.state_dir: str | None = None
 
     def _fix_ports(self) -> None:
         for lc in self.config.listeners:
@@ -92,6 +113,16 @@ class Supervisor:
             self.ports[lc.name] = s.getsockname()[1]
 
     async def run(self) -> int:
+        shm = "/dev/shm"
+        self.state_dir = tempfile.mkdtemp(
+            prefix="fastgw-", dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
+        )
+        try:
+            return await self._run()
+        finally:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+
+    async def _run(self) -> int:
         self._fix_ports()
         sigs = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1]
         with trio.open_signal_receiver(*sigs) as signals:
@@ -141,6 +172,9 @@ class Supervisor:
         env = dict(os.environ)
         env[PORTS_ENV] = ",".join(f"{n}={p}" for n, p in self.ports.items())
         env[WORKER_ENV] = str(w.index)
+        assert self.state_dir is not None
+        buckets = os.path.join(self.state_dir, "buckets")
+        env[SHARED_BUCKETS_ENV] = f"{self.config.max_limit_keys}:{buckets}"
         while not self.stopping:
             w.admin_port = None
             w.started_at = trio.current_time()
