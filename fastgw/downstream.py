@@ -46,6 +46,7 @@ from fastgw.errors import ProtocolError
 from fastgw.transport import PlainTransport
 from fastgw.upstream.backend import Unavailable
 from fastgw.upstream.pool import Pool, UpstreamConn, UpstreamConnectError
+from fastgw.upstream.retry import likely_cold, track_of
 
 if TYPE_CHECKING:
     from fastgw.gateway import Gateway
@@ -137,6 +138,17 @@ def _rebuild(d, retry, pool, first: bytes) -> bytes | None:  # type: ignore[no-u
         return _upstream_head(d, state, head, route, pool, path, rid, id_extra) + first[head_len:]
     except CredentialUnavailable:
         return None
+
+
+def _other_endpoint(backend, used: list[Pool]) -> Pool | None:  # type: ignore[no-untyped-def]
+    """For a hedge: the least busy endpoint not tried yet and not paused (an
+    available one unless none is), or None."""
+    now = trio.current_time()
+    rest = [p for p in backend.pools if p not in used and not p.paused(now)]
+    if not rest:
+        return None
+    live = [p for p in rest if p.available(now)] or rest
+    return min(live, key=lambda p: p.outstanding)
 
 
 def _header_lines(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
@@ -490,119 +502,157 @@ class Downstream:
         replayable = not remaining and (reader is None or reader.done)
         idempotent = method in _IDEMPOTENT
 
-        self.phase = UPSTREAM
-        self.deadline = deadline_total
-        # Fast path: a pooled connection and one send. A connection idle for a moment
-        # is not checked for a FIN first (a system call per request); if the function's
-        # front end closed it, nothing comes back and an idempotent request is replayed.
-        conn = pool.acquire_idle_nowait(gw.now, not idempotent)
-        sent = False
-        if conn is not None:
-            self.upconn = conn
-            try:
-                ut = conn.transport
-                n = ut.send_nowait(first)
-                if n != len(first):
-                    await ut.send_all(first[n:] if n else first)
-                sent = True
-            except OSError:
-                pool.release(conn, False)
-                self.upconn = None
-                gw.count_error("dead_pooled_connection")
-        if not sent:
-            # After an error the client connection stays usable only if the whole
-            # request was read (its framing is then not in doubt).
-            keep = replayable and head.keep_alive and not gw.draining
-            got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
-            if got is None:
-                return buf, pos, keep
-            conn, pool, first = got
-        ut = conn.transport
-
-        # Stream the rest of the request body, client -> upstream.
-        if not replayable:
-            self.phase = BODY
-            try:
-                buf, pos = await self._stream_request_body(ut, reader, remaining, lim, max_body)
-            except ClientGone:
-                pool.release(conn, False)
-                self.upconn = None
-                gw.count_error("client_gone")
-                return buf, pos, False
-            except ProtocolError as e:
-                pool.release(conn, False)
-                self.upconn = None
-                code = "body_too_large" if e.status == 413 else "bad_request_body"
-                gw.count_error(code)
-                await self.send_error(e.status, code, e.detail, rid, close=True)
-                return buf, pos, False
-            except UpstreamFailed as e:
-                pool.release(conn, False)
-                self.upconn = None
-                gw.count_error(e.code)
-                await self.send_error(e.status, e.code, e.detail, rid, close=True)
-                return buf, pos, False
-
-        # Response head.
-        self.phase = UPSTREAM
-        fb = gw.now + (route.first_byte_timeout_s or bcfg.first_byte_timeout_s)
-        self.deadline = fb if fb < deadline_total else deadline_total
-        is_head = method == b"HEAD"
-        retries = 0
-        t_sent = _clock()
-        try:
-            try:
-                # Fast path: the whole final head in the first read.
+        resil = route.resil
+        if resil is not None:
+            # Retries, hedging or cold-start timeouts on this route (upstream/retry.py).
+            safe = idempotent or resil.idempotent or head.get(b"idempotency-key") is not None
+            if safe and kind:
+                if kind == BODY_LENGTH:
+                    body_len = head.content_length
+                else:  # chunked: known once the whole body is in hand
+                    body_len = reader.body_bytes if reader is not None and reader.done else -1
+                if body_len < 0 or body_len > resil.replay_buffer_bytes:
+                    safe = False  # never sent twice: over the replay buffer, or unknown
+            if (
+                safe
+                and not replayable
+                and reader is None
+                and head.content_length <= resil.replay_buffer_bytes
+            ):
+                # Small enough to keep: read it whole so it can be sent again.
+                self.phase = BODY
                 try:
-                    ubuf = await ut.recv_after_wait()
-                except (ConnectionResetError, BrokenPipeError):
-                    ubuf = b""
-                rh = parse_response_head(ubuf, 0, request_was_head=is_head) if ubuf else None
-                if rh is not None and (rh.status >= 200 or rh.status == 101):
-                    upos = rh.head_len
-                else:
-                    rh, ubuf, upos = await self._response_head(ut, is_head, ubuf)
-            except _NothingBack:
-                # Nothing came back: a reused connection the function's side had closed,
-                # or an endpoint that died with the request in flight. An idempotent
-                # request (RFC 9110 9.2.2) read whole is sent once more, to another
-                # endpoint when there is one; anything else gets its 502.
-                if not (replayable and idempotent):
-                    raise
-                retries = 1
-                reused = conn.exchanges > 0
-                pool.release(conn, False)
-                self.upconn = None
-                gw.count_error("dead_pooled_connection" if reused else "retried")
-                keep = head.keep_alive and not gw.draining
-                alt = pool if reused else backend.pick_other(pool)
-                if alt is not pool:
-                    again = _rebuild(self, retry, alt, first)
-                    if again is not None:
-                        first, pool = again, alt
+                    first, buf = await self._read_whole_body(first, remaining, lim)
+                except ClientGone:
+                    gw.count_error("client_gone")
+                    return buf, pos, False
+                pos = 0
+                remaining = 0
+                replayable = True
+            if replayable:
+                got = await self._resilient(
+                    head, route, resil, backend, pool, first, rid, retry, safe, deadline_total
+                )
+                if got is None:
+                    return buf, pos, head.keep_alive and not gw.draining
+                conn, pool, rh, ubuf, upos, retries, fb_s = got
+                ut = conn.transport
+            else:
+                resil = None
+        if resil is None:
+            self.phase = UPSTREAM
+            self.deadline = deadline_total
+            # Fast path: a pooled connection and one send. A connection idle for a moment
+            # is not checked for a FIN first (a system call per request); if the function's
+            # front end closed it, nothing comes back and an idempotent request is replayed.
+            conn = pool.acquire_idle_nowait(gw.now, not idempotent)
+            sent = False
+            if conn is not None:
+                self.upconn = conn
+                try:
+                    ut = conn.transport
+                    n = ut.send_nowait(first)
+                    if n != len(first):
+                        await ut.send_all(first[n:] if n else first)
+                    sent = True
+                except OSError:
+                    pool.release(conn, False)
+                    self.upconn = None
+                    gw.count_error("dead_pooled_connection")
+            if not sent:
+                # After an error the client connection stays usable only if the whole
+                # request was read (its framing is then not in doubt).
+                keep = replayable and head.keep_alive and not gw.draining
                 got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
                 if got is None:
                     return buf, pos, keep
                 conn, pool, first = got
-                ut = conn.transport
-                rh, ubuf, upos = await self._response_head(ut, is_head, None)
-        except (ProtocolError, UpstreamFailed, OSError) as e:
-            pool.release(conn, False)
-            self.upconn = None
-            if isinstance(e, UpstreamFailed):
-                code, detail = e.code, e.detail
-            elif isinstance(e, ProtocolError):
-                code, detail = "bad_upstream_response", "upstream sent a malformed response"
-            else:
-                code, detail = "upstream_reset", "upstream connection failed"
-            gw.count_error(code)
-            # The request was read whole: the client connection is still in sync.
-            keep = head.keep_alive and not gw.draining
-            await self.send_error(502, code, detail, rid, close=not keep)
-            return buf, pos, keep
+            ut = conn.transport
 
-        fb_s = _clock() - t_sent
-        backend.first_byte.observe(fb_s)
+            # Stream the rest of the request body, client -> upstream.
+            if not replayable:
+                self.phase = BODY
+                try:
+                    buf, pos = await self._stream_request_body(ut, reader, remaining, lim, max_body)
+                except ClientGone:
+                    pool.release(conn, False)
+                    self.upconn = None
+                    gw.count_error("client_gone")
+                    return buf, pos, False
+                except ProtocolError as e:
+                    pool.release(conn, False)
+                    self.upconn = None
+                    code = "body_too_large" if e.status == 413 else "bad_request_body"
+                    gw.count_error(code)
+                    await self.send_error(e.status, code, e.detail, rid, close=True)
+                    return buf, pos, False
+                except UpstreamFailed as e:
+                    pool.release(conn, False)
+                    self.upconn = None
+                    gw.count_error(e.code)
+                    await self.send_error(e.status, e.code, e.detail, rid, close=True)
+                    return buf, pos, False
+
+            # Response head.
+            self.phase = UPSTREAM
+            fb = gw.now + (route.first_byte_timeout_s or bcfg.first_byte_timeout_s)
+            self.deadline = fb if fb < deadline_total else deadline_total
+            is_head = method == b"HEAD"
+            retries = 0
+            t_sent = _clock()
+            try:
+                try:
+                    # Fast path: the whole final head in the first read.
+                    try:
+                        ubuf = await ut.recv_after_wait()
+                    except (ConnectionResetError, BrokenPipeError):
+                        ubuf = b""
+                    rh = parse_response_head(ubuf, 0, request_was_head=is_head) if ubuf else None
+                    if rh is not None and (rh.status >= 200 or rh.status == 101):
+                        upos = rh.head_len
+                    else:
+                        rh, ubuf, upos = await self._response_head(ut, is_head, ubuf)
+                except _NothingBack:
+                    # Nothing came back: a reused connection the function's side had closed,
+                    # or an endpoint that died with the request in flight. An idempotent
+                    # request (RFC 9110 9.2.2) read whole is sent once more, to another
+                    # endpoint when there is one; anything else gets its 502.
+                    if not (replayable and idempotent):
+                        raise
+                    retries = 1
+                    reused = conn.exchanges > 0
+                    pool.release(conn, False)
+                    self.upconn = None
+                    gw.count_error("dead_pooled_connection" if reused else "retried")
+                    keep = head.keep_alive and not gw.draining
+                    alt = pool if reused else backend.pick_other(pool)
+                    if alt is not pool:
+                        again = _rebuild(self, retry, alt, first)
+                        if again is not None:
+                            first, pool = again, alt
+                    got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
+                    if got is None:
+                        return buf, pos, keep
+                    conn, pool, first = got
+                    ut = conn.transport
+                    rh, ubuf, upos = await self._response_head(ut, is_head, None)
+            except (ProtocolError, UpstreamFailed, OSError) as e:
+                pool.release(conn, False)
+                self.upconn = None
+                if isinstance(e, UpstreamFailed):
+                    code, detail = e.code, e.detail
+                elif isinstance(e, ProtocolError):
+                    code, detail = "bad_upstream_response", "upstream sent a malformed response"
+                else:
+                    code, detail = "upstream_reset", "upstream connection failed"
+                gw.count_error(code)
+                # The request was read whole: the client connection is still in sync.
+                keep = head.keep_alive and not gw.draining
+                await self.send_error(502, code, detail, rid, close=not keep)
+                return buf, pos, keep
+
+            fb_s = _clock() - t_sent
+            backend.first_byte.observe(fb_s)
 
         # The outcome, for balancing (pool.py): a 429/503 with Retry-After pauses the
         # endpoint, 5xx count toward ejection; else one compare (and a reset after errors).
@@ -942,6 +992,252 @@ class Downstream:
                 return None
             return conn, pool, first
         return None
+
+    # -- retries and hedging: routes with retry/hedge/cold settings (upstream/retry.py) --
+
+    async def _read_whole_body(self, first: bytes, remaining: int, lim) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+        """``first`` completed with the rest of a Content-Length body read from the
+        client; returns (the whole request, what the client sent after the body)."""
+        t = self.t
+        gw = self.gw
+        parts = [first]
+        while True:
+            self.deadline = gw.now + lim.body_timeout_s
+            data = await t.recv()
+            if not data:
+                raise ClientGone()
+            if len(data) >= remaining:
+                parts.append(data[:remaining] if len(data) > remaining else data)
+                return b"".join(parts), data[remaining:]
+            parts.append(data)
+            remaining -= len(data)
+
+    async def _resilient(  # type: ignore[no-untyped-def]
+        self, head, route, resil, backend, pool, first: bytes, rid: bytes, retry, safe: bool,
+        deadline_total: float,
+    ):  # fmt: skip
+        """Send a request held whole, with the route's retries, hedging and cold-start
+        first-byte timeouts. ``safe``: repeating it is harmless (idempotent method or
+        route, or an Idempotency-Key); otherwise only a request that never reached the
+        function is sent again. Returns (conn, pool, response head, buffer, body
+        offset, retries, first-byte seconds), or None after answering an error."""
+        gw = self.gw
+        bcfg = backend.config
+        rp = resil.retry
+        hp = resil.hedge if safe else None
+        counts = resil.counts
+        if rp is not None:
+            rp.budget.deposit(gw.now)
+        if hp is not None:
+            hp.budget.deposit(gw.now)
+        max_retries = (rp.attempts if rp is not None else 1) if safe else 0
+        is_head = head.method == b"HEAD"
+        fb_timeout_s = route.first_byte_timeout_s or bcfg.first_byte_timeout_s
+        cold_fb_s = bcfg.cold_first_byte_timeout_s
+        keep = head.keep_alive and not gw.draining
+        retries = 0
+        unsent_retried = False
+        self.phase = UPSTREAM
+        self.deadline = deadline_total
+        orig, orig_pool = first, pool
+
+        def request_for(p: Pool) -> bytes | None:
+            # Always rebuilt from the original bytes (their head length is known).
+            return orig if p is orig_pool else _rebuild(self, retry, p, orig)
+
+        while True:
+            cold = (hp is not None or cold_fb_s is not None) and likely_cold(pool, bcfg, gw.now)
+            end = trio.current_time() + (cold_fb_s if cold and cold_fb_s else fb_timeout_s)
+            outcome = await self._race(
+                backend, pool, first, request_for, is_head, hp, cold, end if end < deadline_total
+                else deadline_total, rp, counts,
+            )  # fmt: skip
+            kind = outcome[0]
+            if kind == "ok":
+                _, conn, pool, rh, ubuf, upos, fb_s = outcome
+                backend.first_byte.observe(fb_s)
+                if hp is not None:
+                    track_of(pool).observe(fb_s)
+                status = rh.status
+                if rp is None or status not in rp.statuses:
+                    self.upconn = conn
+                    return conn, pool, rh, ubuf, upos, retries, fb_s
+                if retries >= max_retries or not rp.budget.try_spend(gw.now):
+                    if retries < max_retries:
+                        counts[3] += 1
+                    self.upconn = conn  # the function's own answer is relayed
+                    return conn, pool, rh, ubuf, upos, retries, fb_s
+                # Retried: report it here (a 429/503 with Retry-After pauses the endpoint).
+                pool.outcome(status, rh)
+                pool.release(conn, False)
+            elif kind == "unsent":
+                # Nothing reached the function: any method goes elsewhere, once.
+                err = outcome[2]
+                alt = backend.pick_other(pool)
+                alt_first = request_for(alt) if alt is not pool else None
+                if not unsent_retried and alt_first is not None:
+                    unsent_retried = True
+                    counts[0] += 1
+                    gw.count_error("connect_failed_retried")
+                    first = alt_first
+                    pool = alt
+                    continue
+                if err.saturated:
+                    status, code = 503, "upstream_saturated"
+                    detail = "no connection to the function became available in time"
+                elif err.timeout:
+                    status, code = 504, "upstream_connect_timeout"
+                    detail = "connecting to the function timed out"
+                else:
+                    status, code = 502, "upstream_unreachable"
+                    detail = "could not connect to the function endpoint"
+                gw.count_error(code)
+                await self.send_error(status, code, detail, rid, close=not keep)
+                return None
+            else:
+                if kind == "timeout":
+                    wanted = rp is not None and rp.on_timeout
+                    status, code = 504, "upstream_timeout"
+                    detail = "the function did not answer in time"
+                else:  # "reset": nothing or only part of a head came back
+                    wanted = rp is None or rp.on_reset
+                    status, code, detail = 502, outcome[2], outcome[3]
+                if wanted and retries < max_retries and rp is not None:
+                    if not rp.budget.try_spend(gw.now):
+                        counts[3] += 1
+                        wanted = False
+                if not wanted or retries >= max_retries:
+                    gw.count_error(code)
+                    await self.send_error(status, code, detail, rid, close=not keep)
+                    return None
+            # A retry, on another endpoint when there is one, after a jittered pause.
+            retries += 1
+            counts[0] += 1
+            gw.count_error("retried")
+            if rp is not None:
+                pause_s = rp.backoff_s(retries - 1)
+                if pause_s > 0.0:
+                    await trio.sleep(pause_s)
+            alt = backend.pick_other(pool)
+            alt_first = request_for(alt) if alt is not pool else None
+            if alt_first is not None:
+                first = alt_first
+                pool = alt
+
+    async def _race(  # type: ignore[no-untyped-def]
+        self, backend, pool, first: bytes, request_for, is_head: bool, hp, cold: bool,
+        end: float, rp, counts,
+    ):  # fmt: skip
+        """One attempt at ``pool`` until ``end`` (trio time), hedged per ``hp``: when no
+        response head came within the hedge delay, the same request goes to another
+        endpoint and the first response head wins; the others are cancelled and their
+        connections closed (never pooled). Returns ("ok", conn, pool, head, buffer,
+        offset, first-byte s), ("unsent", pool, UpstreamConnectError), ("timeout",
+        pool) or ("reset", pool, code, detail)."""
+        gw = self.gw
+        won: list[Any] = []
+        failed: list[Any] = []
+        done = trio.Event()
+        retry_statuses = rp.statuses if rp is not None else ()
+        pending = 0
+
+        async def attempt(p: Pool, data: bytes) -> None:
+            nonlocal pending
+            conn = None
+            t0 = _clock()
+            try:
+                conn = p.acquire_idle_nowait(trio.current_time())
+                if conn is not None:
+                    try:
+                        await conn.transport.send_all(data)
+                    except OSError:
+                        p.release(conn, False)
+                        conn = None
+                        gw.count_error("dead_pooled_connection")
+                if conn is None:
+                    try:
+                        conn = await p.acquire(fresh=True)
+                    except UpstreamConnectError as e:
+                        failed.append(("unsent", p, e))
+                        return
+                    try:
+                        await conn.transport.send_all(data)
+                    except OSError:
+                        failed.append(("reset", p, "upstream_reset", "upstream connection failed"))
+                        return
+                try:
+                    rh, ubuf, upos = await self._response_head(conn.transport, is_head, None)
+                except UpstreamFailed as e:
+                    failed.append(("reset", p, e.code, e.detail))
+                    p.failed()
+                    return
+                except ProtocolError:
+                    failed.append(
+                        ("reset", p, "bad_upstream_response", "upstream sent a malformed response")
+                    )
+                    p.failed()
+                    return
+                except OSError:
+                    failed.append(("reset", p, "upstream_reset", "upstream connection failed"))
+                    p.failed()
+                    return
+                if won:
+                    return
+                if rh.status in retry_statuses and pending > 1:
+                    # A retryable answer while another attempt may still do better.
+                    failed.append(("reset", p, "upstream_error", f"upstream answered {rh.status}"))
+                    p.outcome(rh.status, rh)
+                    return
+                won.append((conn, p, rh, ubuf, upos, _clock() - t0))
+                conn = None
+                done.set()
+            finally:
+                if conn is not None:
+                    p.release(conn, False)
+                pending -= 1
+                if not pending:
+                    done.set()
+
+        used = [pool]
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_at(end) as timer:
+                pending = 1
+                nursery.start_soon(attempt, pool, first)
+                while not done.is_set():
+                    if hp is None or len(used) >= hp.max_attempts:
+                        await done.wait()
+                        break
+                    with trio.move_on_after(hp.delay_s(pool, cold)):
+                        await done.wait()
+                    if done.is_set():
+                        break
+                    alt = _other_endpoint(backend, used)
+                    alt_first = None if alt is None else request_for(alt)
+                    if alt is None or alt_first is None:
+                        hp = None
+                    elif not hp.budget.try_spend(gw.now):
+                        counts[4] += 1
+                        hp = None
+                    else:
+                        counts[1] += 1
+                        pending += 1
+                        used.append(alt)
+                        pool = alt
+                        cold = False
+                        nursery.start_soon(attempt, alt, alt_first)
+            nursery.cancel_scope.cancel()
+        if won:
+            conn, p, rh, ubuf, upos, fb_s = won[0]
+            if p is not used[0]:
+                counts[2] += 1
+            return "ok", conn, p, rh, ubuf, upos, fb_s
+        if timer.cancelled_caught:
+            used[0].failed()
+            return "timeout", used[0]
+        for f in failed:
+            if f[0] != "unsent":
+                return f  # it may have reached a function: the stricter rules apply
+        return failed[0]
 
     async def _stream_request_body(self, ut, reader, remaining: int, lim, max_body: int):  # type: ignore[no-untyped-def]
         """Client -> upstream until the body ends; returns (buf, pos) with what the client

@@ -38,6 +38,7 @@ from fastgw.policy import route_auth
 from fastgw.router import Route, Router
 from fastgw.transport import PlainTransport, TLSTransport
 from fastgw.upstream.backend import Backend
+from fastgw.upstream.retry import maybe_keep_warm
 
 if TYPE_CHECKING:
     # Imported where used: a gateway without an admin listener or token issuers does
@@ -522,6 +523,9 @@ class Gateway:
             for d in self.connections:
                 if d.deadline <= late and d.scope is not None:
                     d.scope.cancel()
+            for b in self.state.backends.values():
+                if b.config.keep_warm_interval_s is not None:
+                    maybe_keep_warm(self, b, now)  # upstream/retry.py
             ticks += 1
             if ticks % 10 == 0:
                 for b in self.state.backends.values():

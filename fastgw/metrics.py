@@ -72,6 +72,23 @@ def _retry_families(routes: Iterable[Any]) -> Iterator[Metric]:
     yield denied
 
 
+def _keep_warm_family(backends: Iterable[Any]) -> Metric:
+    """Keep-warm requests per endpoint (fastgw/upstream/retry.py maybe_keep_warm)."""
+    fam = CounterMetricFamily(
+        "fastgw_upstream_keep_warm",
+        "Keep-warm requests sent to idle endpoints, by result: ok or failed",
+        labels=["backend", "endpoint", "result"],
+    )
+    for b in list(backends):
+        if b.config.keep_warm_interval_s is None:
+            continue
+        for p in b.pools:
+            t = p.track
+            fam.add_metric([b.name, p.endpoint.url, "ok"], t.warm_ok if t else 0)
+            fam.add_metric([b.name, p.endpoint.url, "failed"], t.warm_failed if t else 0)
+    return fam
+
+
 class GatewayCollector(Collector):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -106,6 +123,7 @@ class GatewayCollector(Collector):
         yield req
         yield dur
         yield from _retry_families(state.router.routes)
+        yield _keep_warm_family(state.backends.values())
 
         fb = HistogramMetricFamily(
             "fastgw_upstream_first_byte_seconds",

@@ -32,18 +32,29 @@ first-byte latencies (``EndpointTrack``), within bounds. An endpoint that is lik
 cold (idle past the backend's scale-to-zero window, no connection at all, or its last
 first byte far over its norm) is hedged earlier. Hedges have their own budget.
 
-Everything here runs only for routes that configure retries or hedging; the default
-request path never touches this module.
+Keep-warm (optional, per backend): the gateway's watchdog starts a GET to
+``keep_warm_path`` on each endpoint that has been idle for ``keep_warm_interval_s``
+(and was not pinged within it), so a scale-to-zero platform keeps an instance.
+
+Everything here runs only for routes that configure retries or hedging (and backends
+that ask for keep-warm); the default request path never touches this module.
 """
 
 from __future__ import annotations
 
 import random
+import time
 from array import array
 from typing import TYPE_CHECKING
 
+import trio
+
+from fastgw.errors import ProtocolError
+
 if TYPE_CHECKING:
     from fastgw.config.model import BackendConfig, HedgeConfig, RetryConfig, RouteConfig
+    from fastgw.gateway import Gateway
+    from fastgw.upstream.backend import Backend
     from fastgw.upstream.pool import Pool
 
 # RFC 9110 9.2.2: methods whose repetition has the effect of one request.
@@ -136,12 +147,18 @@ class EndpointTrack:
     """Recent first-byte latencies of one endpoint (a ring of ``TRACK_SAMPLES``), for
     the learned hedge delay and the "far over its norm" cold signal."""
 
-    __slots__ = ("_cache", "_cache_n", "last_s", "n", "ring")
+    __slots__ = ("_cache", "_cache_n", "last_s", "n", "ring", "warm_at", "warm_failed",
+                 "warm_ok", "warming")  # fmt: skip
 
     def __init__(self) -> None:
         self.ring = array("d", bytes(8 * TRACK_SAMPLES))
         self.n = 0
         self.last_s = 0.0
+        # Keep-warm bookkeeping (maybe_keep_warm).
+        self.warm_at = float("-inf")
+        self.warming = False
+        self.warm_ok = 0
+        self.warm_failed = 0
         self._cache: list[float] = []
         self._cache_n = -1
 
@@ -252,3 +269,98 @@ class RoutePolicy:
             or cfg.idempotent
             or any(b.cold_first_byte_timeout_s is not None for b in backends)
         )
+
+
+# -- keep-warm ------------------------------------------------------------------------
+
+
+def maybe_keep_warm(gw: Gateway, backend: Backend, now: float) -> None:
+    """Called by the gateway's watchdog for a backend with ``keep_warm_interval_s``:
+    start a keep-warm request to each endpoint idle for that long whose last one was
+    at least that long ago (and none is in flight; paused endpoints are left alone)."""
+    cfg = backend.config
+    interval = cfg.keep_warm_interval_s
+    if interval is None:
+        return
+    for pool in backend.pools:
+        t = track_of(pool)
+        if t.warming or now - t.warm_at < interval:
+            continue
+        idle_s = pool.idle_for_s(now)
+        if idle_s is None or idle_s < interval or pool.paused(now):
+            continue
+        t.warming = True
+        t.warm_at = now
+        # In the gateway's own nursery: the request outlives this tick, not the gateway.
+        gw._nursery.start_soon(_keep_warm, gw, pool, cfg.keep_warm_path.encode("ascii"))
+
+
+async def _keep_warm(gw: Gateway, pool: Pool, path: bytes) -> None:
+    """One GET to ``path`` on ``pool``'s endpoint, with its upstream credential when it
+    has one; the connection goes back to the pool when the exchange was clean."""
+    t = track_of(pool)
+    try:
+        ok = await _warm_exchange(gw, pool, path)
+    finally:
+        t.warming = False
+    if ok:
+        t.warm_ok += 1
+    else:
+        t.warm_failed += 1
+
+
+async def _warm_exchange(gw: Gateway, pool: Pool, path: bytes) -> bool:
+    from fastgw._core.http import BODY_LENGTH, BODY_NONE, parse_request_head, parse_response_head
+    from fastgw.upstream.pool import UpstreamConnectError
+
+    prefix = pool.path_prefix
+    target = prefix + path if prefix else path
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: " + pool.host_header
+    raw += b"\r\nUser-Agent: fastgw-keep-warm\r\n"
+    creds = gw.state.credentials
+    binding = creds.get(pool) if creds else None
+    if binding is not None:
+        head = parse_request_head(raw + b"\r\n")
+        lines = binding.lines(head, target, pool.host_header, gw.now, time.time(), None)
+        if lines is None:
+            return False  # no valid credential: nothing useful to send
+        raw += lines
+    raw += b"\r\n"
+    conn = pool.acquire_idle_nowait(trio.current_time())
+    if conn is None:
+        try:
+            conn = await pool.acquire(fresh=True)
+        except UpstreamConnectError:
+            return False
+    bcfg = pool.backend
+    reusable = False
+    try:
+        with trio.move_on_after(bcfg.cold_first_byte_timeout_s or bcfg.first_byte_timeout_s):
+            ut = conn.transport
+            await ut.send_all(raw)
+            buf = b""
+            rh = None
+            while rh is None:
+                data = await ut.recv()
+                if not data or len(buf) > 65536:
+                    return False
+                buf += data
+                rh = parse_response_head(buf, 0, request_was_head=False)
+                if rh is not None and rh.status < 200:
+                    buf, rh = buf[rh.head_len :], None
+            if rh.body_kind == BODY_LENGTH:
+                want = rh.head_len + rh.content_length
+                while len(buf) < want:
+                    data = await ut.recv()
+                    if not data:
+                        return False
+                    buf += data
+                reusable = rh.keep_alive and len(buf) == want
+            elif rh.body_kind == BODY_NONE:
+                reusable = rh.keep_alive and len(buf) == rh.head_len
+            return rh.status < 500
+        return False
+    except (OSError, ProtocolError):
+        return False
+    finally:
+        pool.release(conn, reusable)
