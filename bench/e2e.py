@@ -6,6 +6,17 @@
 
     python -m bench.e2e --no-wrk --no-nginx   # force the built-in load generator and upstream
 
+    # the limits issue's "per-identity limit on every request within 5% of without":
+    python -m bench.e2e --conns 50 --targets fastgw-key,fastgw-limit,fastgw-redis --repeat 3
+
+Targets: fastgw, haproxy, minimal (a trio proxy doing nothing per request); fastgw-ops
+(metrics scraped and the audit log), fastgw-map (a 10k-entry path map); fastgw-key (every
+request carries an API key: the identity is established), fastgw-limit (the same plus a
+per-identity rate limit too high to trigger, taken on every request), fastgw-redis (the
+same limit in a redis-server started for the run, pinned with the load generator).
+fastgw-key, fastgw-limit and fastgw-redis need wrk (the key goes in a request header).
+With --repeat N the targets run N times in turn and the ratios use the medians.
+
 Layout, so that the proxies compete for the same thing: the proxy under test is pinned to
 CPU 0; the upstream (nginx answering a 2-byte body, or bench/upstream.py, a built-in epoll
 responder, when nginx is missing) and the load generator (wrk, or bench/loadgen.py, a
@@ -51,6 +62,9 @@ CPU_LOAD = "1"
 # busy 2-CPU machine for 1000 TLS handshakes to nginx.
 WARM_S = 1.0
 WARM_CONNS_PER_S = 400
+# The identity targets: an API key on every request (wrk -H), and its hash in config.
+API_KEY = "bench-key-0123456789abcdef0123456789abcdef"
+IDENTITY_TARGETS = ("fastgw-key", "fastgw-limit", "fastgw-redis")
 
 
 @dataclass
@@ -187,6 +201,22 @@ def upstream(d: Path, tls: bool, certs: dict[str, str], nginx: str | None) -> It
         yield port
 
 
+@contextlib.contextmanager
+def redis_server(d: Path) -> Iterator[str]:
+    """A redis-server for fastgw-redis (no persistence), pinned with the load; its
+    address."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise SystemExit("fastgw-redis needs redis-server (apt-get install redis-server)")
+    port = free_port()
+    argv = [
+        *taskset(CPU_LOAD), exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+        "--appendonly", "no", "--dir", str(d),
+    ]  # fmt: skip
+    with process(argv, port, d / "redis.log"):
+        yield f"127.0.0.1:{port}"
+
+
 def haproxy_conf(d: Path, port: int, up_port: int, tls: bool, certs: dict[str, str]) -> Path:
     # tune.pool-*-fd-ratio: by default HAProxy stops keeping idle server connections once
     # 20% of its descriptors are in use (maxconn 4000 gives about 8000). At 1000 clients it
@@ -232,11 +262,12 @@ def fastgw_conf(
     certs: dict[str, str],
     ops: bool = False,
     map_entries: int = 0,
-    limit: bool = False,
+    limit: str = "",
+    redis_address: str = "",
 ) -> Path:
     scheme = "https" if tls else "http"
     ca = f'ca_file = "{certs["ca"]}"\nserver_name = "localhost"\n' if tls else ""
-    conf = d / f"gateway-{'ops' if ops else 'plain'}-{map_entries}-{int(limit)}.toml"
+    conf = d / f"gateway-{'ops' if ops else 'plain'}-{map_entries}-{limit or 'none'}.toml"
     # fastgw-ops: the admin listener (metrics) and the audit log of every request, the
     # operations issue's "within 5% of the same run with both disabled".
     # fastgw-map: routing through a 10k-entry path map (the routing issue's "within 5% of
@@ -251,14 +282,24 @@ def fastgw_conf(
         mp = d / "paths.map"
         mp.write_text("".join(f"/svc{i}/ fn\n" for i in range(map_entries - 1)) + "/ fn\n")
         route = f'path_map = "{mp}"\npath_map_type = "beg"'
-    # fastgw-limit: a rate limit checked on every request, too high to trigger (the
-    # limits issue's "within 5% of the same run without limits").
-    limit_toml = (
-        '[[rate_limits]]\nname = "per-client"\nkey = "ip"\n'
-        "rate_per_s = 10000000\nburst = 10000000\n"
-        if limit
-        else ""
-    )
+    # fastgw-key/-limit/-redis: every request is identified by an API key; -limit and
+    # -redis add a per-identity rate limit taken on every request, too high to trigger
+    # (the limits issue's "within 5% of the same run without limits"), in the core's
+    # table or in Redis.
+    limit_toml = ""
+    if limit:
+        import hashlib
+
+        digest = hashlib.sha256(API_KEY.encode()).hexdigest()
+        limit_toml = f'[api_keys]\n[[api_keys.keys]]\nname = "bench"\nsha256 = "{digest}"\n'
+    if limit in ("local", "redis"):
+        limit_toml += (
+            '[[rate_limits]]\nname = "per-caller"\nkey = "identity"\n'
+            "rate_per_s = 10000000\nburst = 10000000\n"
+        )
+    if limit == "redis":
+        limit_toml += f'[limits_store]\ntype = "redis"\naddress = "{redis_address}"\n'
+
     conf.write_text(
         ops_toml
         + limit_toml
@@ -292,7 +333,7 @@ def target_argv(
             "-f",
             str(haproxy_conf(d, port, up_port, tls, certs)),
         ]
-    if name in ("fastgw", "fastgw-ops", "fastgw-map", "fastgw-limit"):
+    if name in ("fastgw", "fastgw-ops", "fastgw-map", *IDENTITY_TARGETS):
         if name == "fastgw-ops":
             ADMIN_PORTS[port] = free_port()
         conf = fastgw_conf(
@@ -303,7 +344,10 @@ def target_argv(
             certs,
             ops=name == "fastgw-ops",
             map_entries=10_000 if name == "fastgw-map" else 0,
-            limit=name == "fastgw-limit",
+            limit={"fastgw-key": "key", "fastgw-limit": "local", "fastgw-redis": "redis"}.get(
+                name, ""
+            ),
+            redis_address=REDIS_ADDRESS[0],
         )
         return [*taskset(CPU_PROXY), sys.executable, "-m", "fastgw", "serve", "-c", str(conf)]
     if name == "minimal":
@@ -321,6 +365,10 @@ def target_argv(
 
 # fastgw-ops: the admin port chosen for each listening port.
 ADMIN_PORTS: dict[int, int] = {}
+# Request header lines wrk sends to each listening port (the identity targets).
+WRK_HEADERS: dict[int, list[str]] = {}
+# fastgw-redis: the address of the redis-server started for the run.
+REDIS_ADDRESS = [""]
 
 
 def scrape_during(port: int, duration_s: float, out: list[float]) -> threading.Thread:
@@ -361,6 +409,7 @@ def run_wrk(port: int, conns: int, duration_s: float) -> LoadResult:
             "--latency",
             "--timeout",
             "10s",
+            *(a for h in WRK_HEADERS.get(port, ()) for a in ("-H", h)),
             f"http://127.0.0.1:{port}/",
         ],
         capture_output=True,
@@ -427,6 +476,10 @@ def measure(
     load: LoadFn,
 ) -> Result:
     port = free_port()
+    if name in IDENTITY_TARGETS:
+        if load is not run_wrk:
+            raise SystemExit(f"{name} needs wrk (the API key goes in a request header)")
+        WRK_HEADERS[port] = [f"X-Api-Key: {API_KEY}"]
     argv = target_argv(name, d, port, up_port, tls, certs)
     log = d / f"{name}.log"
     with process(argv, port, log, cwd=HERE.parent) as p:
@@ -491,6 +544,32 @@ def versions(load: LoadFn, nginx: str | None) -> dict[str, str]:
     if shutil.which("haproxy"):
         v["haproxy"] = first_line(["haproxy", "-v"])
     return v
+
+
+def medians(results: list[Result]) -> list[Result]:
+    """One result per (target, conns): the median of each figure over the repeats."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((r.target, r.conns) for r in results):
+        rs = [r for r in results if (r.target, r.conns) == key]
+        if len(rs) == 1:
+            out.append(rs[0])
+            continue
+        out.append(
+            Result(
+                key[0],
+                key[1],
+                statistics.median(r.rps for r in rs),
+                statistics.median(r.p50_ms for r in rs),
+                statistics.median(r.p99_ms for r in rs),
+                statistics.median(r.cpu_us_per_req for r in rs),
+                max(r.peak_rss_mib for r in rs),
+                sum(r.errors for r in rs),
+                sum(r.non_2xx for r in rs),
+            )
+        )
+    return out
 
 
 def ratio(a: float, b: float) -> float:
@@ -567,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     ap.add_argument("--targets", default="fastgw,haproxy,minimal")
     ap.add_argument("--tls", action="store_true", help="TLS between proxy and upstream")
+    ap.add_argument("--repeat", type=int, default=1, help="run the targets this many times in turn")
     ap.add_argument(
         "--json",
         type=Path,
@@ -598,34 +678,49 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="fastgw-bench-") as tmp:
         d = Path(tmp)
         certs = write_certs(d) if args.tls else {}
-        with upstream(d, args.tls, certs, nginx) as up_port:
-            for conns in (int(c) for c in args.conns.split(",")):
-                for name in targets:
-                    r = measure(name, d, up_port, conns, args.duration, args.tls, certs, load)
-                    results.append(r)
-                    print(
-                        f"{r.target:>10} c={r.conns:<5} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms"
-                        f"  p99 {r.p99_ms:6.2f} ms  {r.cpu_us_per_req:6.1f} us CPU/req"
-                        f"  peak RSS {r.peak_rss_mib:6.1f} MiB  errors {r.errors}"
-                        + (f" ({r.non_2xx} non-2xx)" if r.non_2xx else "")
-                        + (
-                            f"  scrape p50 {r.scrape_ms_p50:.1f} ms max {r.scrape_ms_max:.1f} ms"
-                            if r.scrape_ms_p50 is not None and r.scrape_ms_max is not None
-                            else ""
-                        ),
-                        flush=True,
-                    )
+        with contextlib.ExitStack() as stack:
+            up_port = stack.enter_context(upstream(d, args.tls, certs, nginx))
+            if "fastgw-redis" in targets:
+                REDIS_ADDRESS[0] = stack.enter_context(redis_server(d))
+            runs = [
+                (conns, name)
+                for conns in (int(c) for c in args.conns.split(","))
+                for _ in range(max(1, args.repeat))
+                for name in targets
+            ]
+            for conns, name in runs:
+                r = measure(name, d, up_port, conns, args.duration, args.tls, certs, load)
+                results.append(r)
+                print(
+                    f"{r.target:>10} c={r.conns:<5} {r.rps:>9.0f} req/s  p50 {r.p50_ms:6.2f} ms"
+                    f"  p99 {r.p99_ms:6.2f} ms  {r.cpu_us_per_req:6.1f} us CPU/req"
+                    f"  peak RSS {r.peak_rss_mib:6.1f} MiB  errors {r.errors}"
+                    + (f" ({r.non_2xx} non-2xx)" if r.non_2xx else "")
+                    + (
+                        f"  scrape p50 {r.scrape_ms_p50:.1f} ms max {r.scrape_ms_max:.1f} ms"
+                        if r.scrape_ms_p50 is not None and r.scrape_ms_max is not None
+                        else ""
+                    ),
+                    flush=True,
+                )
+    results_all = results
+    results = medians(results)
     rows = summarize(results)
     print_summary(rows)
     for conns in sorted({r.conns for r in results}):
         by = {r.target: r for r in results if r.conns == conns}
-        if "fastgw" in by and "fastgw-limit" in by:
-            f, o = by["fastgw"], by["fastgw-limit"]
-            print(
-                f"c={conns}: with a rate limit taken on every request, fastgw serves "
-                f"{o.rps / f.rps:.2f}x the requests/s at {o.cpu_us_per_req / f.cpu_us_per_req:.2f}x"
-                " the CPU per request of the same run without"
-            )
+        for name, what in (
+            ("fastgw-limit", "a per-identity rate limit"),
+            ("fastgw-redis", "a per-identity rate limit in Redis"),
+        ):
+            if "fastgw-key" in by and name in by:
+                f, o = by["fastgw-key"], by[name]
+                print(
+                    f"c={conns}: with {what} taken on every request, fastgw serves "
+                    f"{o.rps / f.rps:.3f}x the requests/s at "
+                    f"{o.cpu_us_per_req / f.cpu_us_per_req:.3f}x the CPU per request of the "
+                    "same run without (both identify the caller by API key)"
+                )
         if "fastgw" in by and "fastgw-map" in by:
             f, o = by["fastgw"], by["fastgw-map"]
             print(
@@ -649,7 +744,9 @@ def main(argv: list[str] | None = None) -> int:
         "tls": args.tls,
         "duration_s": args.duration,
         "versions": info,
-        "results": [asdict(r) for r in results],
+        "repeat": args.repeat,
+        "results": [asdict(r) for r in results_all],
+        "medians": [asdict(r) for r in results],
         "summary": rows,
     }
     json_path.write_text(json.dumps(nan_to_none(doc), indent=2, allow_nan=False) + "\n")

@@ -106,11 +106,11 @@ def _upstream_head(d, state, head, route, pool, path: bytes, rid: bytes, id_extr
         if cb is not None:
             # Pre-rendered per installed credential (SigV4: signed for this request);
             # the caller's copies of the fields it sets are stripped.
-            lines = cb.lines(head, path, pool.host_header, d.gw.now, _wall(), d.payload_hash)
+            lines = cb.lines(head, path, pool.host_header, d.gw.now, d.payload_hash)
             if lines is None:
                 raise CredentialUnavailable()
             extra = extra + lines if extra else lines
-            strip = cb.strip_for(route)
+            strip = cb.strips.get(route) or cb.strip_for(route)
     return build_request_head(
         head,
         target=path,

@@ -170,9 +170,11 @@ class Gateway:
     ) -> None:
         # Upstream credential caches, one per (type, source, audience), run in serve();
         # a reload keeps the caches of unchanged keys (no refetch) and stops the rest.
-        from fastgw.upstream.credentials import CredentialRegistry
-
-        self.credentials = CredentialRegistry()
+        # Made when a config first has a credential: a gateway without any never
+        # loads the credential modules.
+        self.credentials: CredentialRegistry | None = None
+        self._serving = False
+        self._need_credentials(config)
         self.state = GatewayState(config, registry=self.credentials)
         # SO_REUSEPORT only when asked (--workers N): otherwise a second gateway started
         # on the same port by mistake would silently share it instead of failing.
@@ -309,7 +311,9 @@ class Gateway:
                 self.trio_token = trio.lowlevel.current_trio_token()
                 nursery.start_soon(self._watchdog)
                 self._start_health_checks(self.state)
-                await nursery.start(self.credentials.run)
+                self._serving = True
+                if self.credentials is not None:
+                    await nursery.start(self.credentials.run)
                 if self.audit is not None:
                     nursery.start_soon(self.audit.run)
                 self._start_verifier(self.state)
@@ -348,19 +352,22 @@ class Gateway:
         cannot be bound) or ssl.SSLError/OSError (its certificate cannot be loaded), in
         which case nothing changed."""
         fresh = self._bind_all(config.listeners, self._listeners)
+        self._need_credentials(config)
         try:
             state = GatewayState(config, previous=self.state, registry=self.credentials)
         except BaseException:
             for key, lst in fresh.items():
                 if key not in self._listeners:
                     lst.close()
-            self.credentials.retain(self.state.credential_keys)
+            if self.credentials is not None:
+                self.credentials.retain(self.state.credential_keys)
             raise
         if self.buckets is None and config.rate_limits:
             self.buckets = self._new_buckets(config)
         old_state, old_listeners = self.state, self._listeners
         self.state = state
-        self.credentials.retain(state.credential_keys)
+        if self.credentials is not None:
+            self.credentials.retain(state.credential_keys)
         self._listeners = fresh
         self._limiter.total_tokens = config.limits.max_connections
         for key, lst in old_listeners.items():
@@ -384,6 +391,19 @@ class Gateway:
             self._apply_limits_store(config)
         self.reloads_ok += 1
         self.last_reload_ok_unix = time.time()
+
+    def _need_credentials(self, config: GatewayConfig) -> None:
+        """Make (and, when serving, start) the credential registry the first time a
+        config has an upstream credential."""
+        if self.credentials is not None or not any(
+            b.credential is not None for b in config.backends.values()
+        ):
+            return
+        from fastgw.upstream.credentials import CredentialRegistry
+
+        self.credentials = CredentialRegistry()
+        if self._serving:
+            self._nursery.start_soon(self.credentials.run)
 
     def _bind_all(
         self, configs: Sequence[ListenerConfig], current: dict[tuple, _Listener]

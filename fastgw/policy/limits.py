@@ -34,8 +34,8 @@ from fastgw.policy.acl import claim_value
 if TYPE_CHECKING:
     from fastgw.identity import Identity
 
-# Identities whose tier a limit remembers: past this the cache starts over (the ACL's
-# bound: a cached token is one entry, and the verifier's token cache holds 10k).
+# Identities whose key and tier a limit remembers: past this the cache starts over (the
+# ACL's bound: a cached token is one entry, and the verifier's token cache holds 10k).
 _MAX_TIER_CACHE = 10_000
 _MISS: Any = object()
 
@@ -59,8 +59,9 @@ class Tier:
 
 class RouteLimit:
     __slots__ = (
-        "_tier_cache", "arg", "burst", "counts", "default_tier", "kind", "name",
-        "policy_field", "prefix", "rate", "shadow", "tier_claim", "tier_map", "tiered", "tiers",
+        "_kept", "_keys", "_tier_kept", "_tiers_by_id", "arg", "burst", "by_identity", "counts",
+        "default_tier", "kind", "name", "policy_field", "prefix", "rate", "shadow",
+        "tier_claim", "tier_map", "tiered", "tiers",
     )  # fmt: skip
 
     def __init__(self, cfg: RateLimitConfig, counts: list[int] | None = None) -> None:
@@ -80,7 +81,12 @@ class RouteLimit:
         self.default_tier = self.tiers.get("default")
         self.tier_claim = cfg.tier.partition(":")[2] if cfg.tier is not None else ""
         self.tier_map = cfg.tier_map_obj
-        self._tier_cache: dict[Identity | None, Tier | None] = {}
+        self._tiers_by_id: dict[int, Tier | None] = {}
+        self._tier_kept: list[Identity | None] = []
+        # Keys that depend on the identity alone (identity, claim:<name>), by its id.
+        self.by_identity = kind in ("identity", "claim")
+        self._keys: dict[int, bytes] = {}
+        self._kept: list[Identity] = []
         if self.tiered:
             # rate/burst are the default tier's (0 without one): only tier_for's answer
             # is ever taken with.
@@ -92,13 +98,16 @@ class RouteLimit:
 
     def tier_for(self, identity: Identity | None) -> Tier | None:
         """The caller's tier (``default`` when it has no known one), None when it has
-        none and there is no default (refuse: 403). Cached per identity object."""
-        hit = self._tier_cache.get(identity, _MISS)
+        none and there is no default (refuse: 403). Cached per identity object (by id,
+        the object kept alive with its entry)."""
+        hit = self._tiers_by_id.get(id(identity), _MISS)
         if hit is _MISS:
             hit = self._resolve_tier(identity)
-            if len(self._tier_cache) >= _MAX_TIER_CACHE:
-                self._tier_cache.clear()
-            self._tier_cache[identity] = hit
+            if len(self._tiers_by_id) >= _MAX_TIER_CACHE:
+                self._tiers_by_id.clear()
+                self._tier_kept.clear()
+            self._tiers_by_id[id(identity)] = hit
+            self._tier_kept.append(identity)
         return hit
 
     def _resolve_tier(self, identity: Identity | None) -> Tier | None:
@@ -114,13 +123,17 @@ class RouteLimit:
         return tier if tier is not None else self.default_tier
 
     def key(self, identity: Identity | None, peer_ip: bytes, head: Any) -> bytes:
+        if self.by_identity and identity is not None:
+            # A repeat caller's key is one dict hit (by the identity object's id; the
+            # object is kept alive with its entry, so the id is not reused meanwhile).
+            k = self._keys.get(id(identity))
+            if k is not None:
+                return k
+            if identity.kind != "anonymous":
+                return self._identity_key(identity)
         kind = self.kind
         if kind == "identity":
-            if identity is None or identity.kind == "anonymous":
-                return self.prefix + b"ip:" + peer_ip  # no identity: the address stands in
-            return self.prefix + (
-                f"{identity.kind}:{identity.issuer or ''}:{identity.subject}".encode()
-            )
+            return self.prefix + b"ip:" + peer_ip  # no identity: the address stands in
         if kind == "ip":
             return self.prefix + peer_ip
         if kind == "route":
@@ -129,6 +142,21 @@ class RouteLimit:
             return self.prefix + (head.get(self.arg) or b"-")
         value = identity.claims.get(self.arg.decode()) if identity is not None else None
         return self.prefix + (b"-" if value is None else str(value).encode())
+
+    def _identity_key(self, identity: Identity) -> bytes:
+        if self.kind == "identity":
+            k = self.prefix + (
+                f"{identity.kind}:{identity.issuer or ''}:{identity.subject}".encode()
+            )
+        else:
+            value = identity.claims.get(self.arg.decode())
+            k = self.prefix + (b"-" if value is None else str(value).encode())
+        if len(self._keys) >= _MAX_TIER_CACHE:
+            self._keys.clear()
+            self._kept.clear()
+        self._keys[id(identity)] = k
+        self._kept.append(identity)
+        return k
 
     def answer_fields(self, wait_s: float, identity: Identity | None = None) -> bytes:
         """Retry-After and the RateLimit fields of a 429 (the caller's tier's quota)."""

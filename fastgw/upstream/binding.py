@@ -30,6 +30,7 @@ first (``MAX_SIGNED_BODY_BYTES``, Lambda's limit; 413 above it) and hashed.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -122,7 +123,9 @@ class CredentialBinding:
         src = header if header is not None else signer
         assert src is not None
         self.names: tuple[bytes, ...] = src.strip_names
-        self.strips: dict[int, tuple[object, StripSet]] = {}
+        # Route -> its strip set plus ours; routes hash by identity, and a binding
+        # lives as long as one config's routes.
+        self.strips: dict[object, StripSet] = {}
         self._cred: Any = None
         self._line = b""
 
@@ -136,19 +139,15 @@ class CredentialBinding:
         return c.refreshes_ok == 0 and c.refreshes_failed == 0
 
     def lines(
-        self,
-        head: Any,
-        target: bytes,
-        host: bytes,
-        now: float,
-        wall: float,
-        payload_hash: bytes | None,
+        self, head: Any, target: bytes, host: bytes, now: float, payload_hash: bytes | None
     ) -> bytes | None:
         """The header lines for this request, or None when no unexpired credential is
         at hand. ``target`` and ``host`` are exactly what goes upstream."""
-        cred = self.cache.current(now)
-        if cred is None:
+        cache = self.cache
+        # CredentialCache.current, inlined (this runs per request).
+        if now >= cache._usable_until:
             return None
+        cred: Any = cache._cred  # not None while usable
         signer = self.signer
         if signer is None:
             if cred is not self._cred:
@@ -165,19 +164,16 @@ class CredentialBinding:
             head.method,
             target,
             host,
-            wall,
+            time.time(),
             EMPTY_SHA256 if payload_hash is None else payload_hash,
             head.get(b"authorization") if self.forward else None,
         )
 
     def strip_for(self, route: Any) -> StripSet:
-        """The route's strip set plus this binding's names (memoised per route)."""
-        got = self.strips.get(id(route))
-        if got is not None and got[0] is route:
-            return got[1]
+        """The route's strip set plus this binding's names (the request path looks in
+        ``strips`` first and calls this once per route)."""
         names, prefixes = route.req_strip_spec
-        s = StripSet(names=tuple(names) + self.names, prefixes=prefixes)
-        self.strips[id(route)] = (route, s)
+        s = self.strips[route] = StripSet(names=tuple(names) + self.names, prefixes=prefixes)
         return s
 
 

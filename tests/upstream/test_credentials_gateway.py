@@ -333,3 +333,21 @@ async def test_sigv4_region_from_the_lambda_url_host() -> None:
     state = GatewayState(config)
     (binding,) = state.credentials.values()
     assert binding.signer.region == "ap-south-1" and binding.signer.service == "lambda"
+
+
+async def test_a_reload_adds_the_first_credential(
+    nursery: trio.Nursery, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    mint = TokenMint(rsa_key)
+    meta = await mint.start(nursery)
+    up = CheckingUpstream(rsa_key)
+    origin = await up.start(nursery)
+    plain = make_config([origin])
+    async with running(plain) as (gw, port):
+        assert gw.credentials is None  # nothing loaded without a credential
+        c = await Client.open(port)
+        assert (await c.request(b"GET", b"/")).status == 401  # the upstream wants a token
+        gw.reload(make_config([origin], backend_kw={"credential": google(meta)}))
+        assert (await c.request(b"GET", b"/")).status == 200
+        await c.aclose()
+    assert mint.count(origin) == 1
