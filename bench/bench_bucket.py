@@ -14,6 +14,10 @@ are used, not the objects stored in the table: a gateway builds its key from the
 so a hit never finds its own object. ``now`` advances 1 us per call; rate and burst are
 high enough that nothing is ever limited (checked).
 
+``fastgw_shared`` is the same table shared by processes (``BucketTable(n, path)``, a
+file on /dev/shm or the temporary directory): the same lookup plus an uncontended
+spinlock on a word of the file, on pages without transparent huge pages.
+
 Groups (see bench/README.md): ``bucket_take:1k_keys``, ``bucket_take:1m_keys`` and
 ``bucket_take_new_key:1m_keys`` (a key not in a full table, so each call evicts a full
 bucket). The 1M benchmarks record the memory of the table and of the dict in
@@ -29,7 +33,9 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import random
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,7 +151,19 @@ def _tag(benchmark: Any, op: str, message: str, impl: str) -> None:
     benchmark.extra_info.update(op=op, message=message, impl=impl)
 
 
-@pytest.mark.parametrize("impl", ("fastgw", "dict", "random_read"))
+def shared_table(made: Setup, directory: str) -> BucketTable:
+    """``made``'s keys in a shared table whose file is in ``directory``."""
+    table = BucketTable(made.n, os.path.join(directory, "buckets"))
+    for k in made.keys:
+        table.take(k, 1, T0, RATE, BURST)
+    return table
+
+
+def _shm_dir() -> str | None:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+@pytest.mark.parametrize("impl", ("fastgw", "fastgw_shared", "dict", "random_read"))
 def test_take_hit(benchmark: Any, setup: tuple[str, Setup], impl: str) -> None:
     name, made = setup
     _tag(benchmark, "bucket_take", name, impl)
@@ -158,6 +176,14 @@ def test_take_hit(benchmark: Any, setup: tuple[str, Setup], impl: str) -> None:
         after = made.table.statistics()
         assert after["limited"] == 0 and after["evictions"] == before["evictions"] == 0
         assert after["keys"] == made.n
+    elif impl == "fastgw_shared":
+        with tempfile.TemporaryDirectory(dir=_shm_dir()) as d:
+            table = shared_table(made, d)
+            assert table.take(made.seq[0], 1, T0 + 1.0, RATE, BURST) == 0.0
+            benchmark(calls(table.take, made.seq))
+            stats = table.statistics()
+            assert stats["limited"] == stats["evictions"] == 0 and stats["keys"] == made.n
+            del table
     elif impl == "dict":
         assert made.ref.take(made.seq[0], 1, T0 + 1.0, RATE, BURST) == 0.0
         benchmark(calls(made.ref.take, made.seq))
@@ -217,11 +243,16 @@ def main() -> None:
     for name, n in SIZES.items():
         made = make_setup(n)
         print(f"{name}:")
+        d = tempfile.TemporaryDirectory(dir=_shm_dir())
+        shared = shared_table(made, d.name)
         for label, fn in (
             ("fastgw BucketTable.take", calls(made.table.take, made.seq)),
+            ("fastgw, shared table", calls(shared.take, made.seq)),
             ("dict of floats (Python)", calls(made.ref.take, made.seq)),
         ):
             print(f"  {label:<28} {_median_ns(fn, 2000, 101):8.1f} ns median")
+        del shared
+        d.cleanup()
         if n >= 1_000_000:
             floor = random_reads(made.table.statistics()["slots"] * 64, len(made.seq))
             print(

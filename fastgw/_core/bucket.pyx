@@ -48,7 +48,9 @@ Table. Open addressing with linear probing over 64-byte slots (one cache line ea
 itself inline when it has at most 40 bytes (an IPv6 address in text, a UUID, "sub:" + a
 UUID); a longer key is copied to its own allocation. So a hit on a short key reads one
 cache line of the table, and for a table larger than the CPU caches that one miss is the
-cost floor (bench/bench_bucket.py measures it against a single random read). The keys are
+cost floor (bench/bench_bucket.py measures it against a single random read). At a load of
+0.8 a hit reads three slots on average, each a line of its own: the lookup prefetches the
+three after the home slot, so their misses overlap (334 -> 280 ns a hit at 1M keys). The keys are
 copies, not references to Python bytes objects: a reference costs a second cache miss on
 every hit, since the object lives elsewhere (measured with 49-byte keys, which take the
 same path through a pointer: 445 ns a hit at 1M keys against 240 ns inline), plus about 60
@@ -79,6 +81,24 @@ value its bound came from, so the work is at most one block scan per earlier tak
 amortized. Measured at 1M keys on a shared 2-vCPU VM: evicting a full bucket about 1 us;
 an LRU eviction about 2 us median, but one eviction after a busy spell with no full bucket
 may rescan much of the table (6 ms seen).
+
+Shared tables. ``BucketTable(max_keys, path)`` keeps the table in the file ``path``,
+mapped MAP_SHARED (fastgw/_core/shm.pyx), so that processes on one machine (the
+``--workers`` of fastgw/supervisor.py) share every bucket: the slots at their full
+capacity from the start (the file's pages are allocated as they are first written, on
+tmpfs), the block bounds, the policies (at most 4095 distinct ones) and a ``Shared``
+header holding the counters, the hash key and the lock. Every call takes that lock, a
+spinlock on a word of the file (``fgw_shm_lock``), for the few hundred ns of the call; a
+process that dies holding it is found out by its pid and the lock taken over. Each
+process keeps its own map from (rate, burst) to policy id and re-reads the file's
+policies when their count or generation (bumped by a renumbering) changed, so ids stay
+common to all. A key over 40 bytes cannot point to memory of one process: the slot
+keeps a 128-bit keyed digest of it instead (SipHash-1-3 under two more secret keys), which
+``keys()`` lists. The processes must agree on the time: pass CLOCK_MONOTONIC
+(``time.monotonic()``), not trio's clock, which has a random offset per process. Every
+process must open the file with the same ``max_keys``: another one re-initialises it
+(see shm.pyx). The spinlock, the file's pages (no transparent huge pages on tmpfs by
+default) and the shared lines make a take dearer than on a private table.
 
 Time. ``now`` is a float of seconds (``trio.current_time()``), rounded to the nearest ns.
 Between -2**61 and 2**61 ns (73 years) of range is accepted. Floats carry every ns up to

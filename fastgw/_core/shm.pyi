@@ -2,11 +2,12 @@
 (the C side, the region pointer and the spinlock, is for core modules: shm.pxd)."""
 
 from os import PathLike
-from typing import Final
+from typing import Final, final
 
 HEADER_BYTES: Final = 4096
 FORMAT: Final = 1
 
+@final
 class SharedFile:
     @property
     def path(self) -> str: ...

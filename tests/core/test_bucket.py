@@ -79,18 +79,19 @@ def test_bucket_core_is_compiled() -> None:
     assert core_bucket.__file__.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES))
 
 
-def test_stubs_match_the_compiled_module(tmp_path: Path) -> None:
-    """mypy.stubtest imports the module and compares every name and signature with
-    bucket.pyi. ``follow_imports = silent``: only this module's stub is under test, so a
+@pytest.mark.parametrize("module", ["bucket", "shm"])
+def test_stubs_match_the_compiled_module(tmp_path: Path, module: str) -> None:
+    """mypy.stubtest imports the module and compares every name and signature with its
+    .pyi. ``follow_imports = silent``: only this module's stub is under test, so a
     type error elsewhere in fastgw does not fail it."""
     pytest.importorskip("mypy")
     allow = tmp_path / "allowlist.txt"
     allow.write_text(
-        "fastgw\\._core\\.bucket\\.__test__\n"
-        "fastgw\\._core\\.bucket\\.(.*\\.)?__reduce_cython__\n"
-        "fastgw\\._core\\.bucket\\.(.*\\.)?__setstate_cython__\n"
+        f"fastgw\\._core\\.{module}\\.__test__\n"
+        f"fastgw\\._core\\.{module}\\.(.*\\.)?__reduce_cython__\n"
+        f"fastgw\\._core\\.{module}\\.(.*\\.)?__setstate_cython__\n"
         # The __init__ of a cdef class shows as (*args, **kwargs) at runtime:
-        "fastgw\\._core\\.bucket\\.BucketTable\\.__init__\n"
+        + ("fastgw\\._core\\.bucket\\.BucketTable\\.__init__\n" if module == "bucket" else "")
     )
     config = tmp_path / "mypy.ini"
     config.write_text("[mypy]\nfollow_imports = silent\n")
@@ -99,7 +100,7 @@ def test_stubs_match_the_compiled_module(tmp_path: Path) -> None:
             sys.executable,
             "-m",
             "mypy.stubtest",
-            "fastgw._core.bucket",
+            f"fastgw._core.{module}",
             "--allowlist",
             str(allow),
             "--mypy-config-file",
