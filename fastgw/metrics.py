@@ -211,6 +211,28 @@ class GatewayCollector(Collector):
         if gw.buckets is not None:
             bs = gw.buckets.statistics()
             yield GaugeMetricFamily("fastgw_rate_limit_keys", "Buckets held", value=bs["keys"])
+        shared = gw.redis_limits
+        if shared is not None:
+            rs = shared.statistics()
+            yield GaugeMetricFamily(
+                "fastgw_rate_limit_store_up",
+                "1 when the Redis holding the rate limits is connected",
+                value=rs["redis_up"],
+            )
+            calls = CounterMetricFamily(
+                "fastgw_rate_limit_store_calls",
+                "Round trips to the Redis holding the rate limits, by result",
+                labels=["result"],
+            )
+            for result, key in (("ok", "redis_ok"), ("failed", "redis_failed"),
+                                ("timeout", "redis_timeouts")):  # fmt: skip
+                calls.add_metric([result], rs[key])
+            yield calls
+            yield CounterMetricFamily(
+                "fastgw_rate_limit_store_fallbacks",
+                "Rate-limit checks answered by on_failure (Redis down, slow or failing)",
+                value=rs["fallbacks"],
+            )
         v = state.verifier
         if v is not None:
             vs = v.statistics()

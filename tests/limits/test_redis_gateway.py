@@ -89,6 +89,14 @@ async def start(
     return gw, port, shared
 
 
+def metrics_text(gw: Gateway) -> str:
+    from prometheus_client import generate_latest
+
+    from fastgw.metrics import make_registry
+
+    return generate_latest(make_registry(gw)).decode()
+
+
 async def statuses(c: Client, headers: list[tuple[bytes, bytes]], n: int) -> list[int]:
     return [(await c.request(b"GET", b"/api/x", headers)).status for _ in range(n)]
 
@@ -157,7 +165,7 @@ async def test_redis_killed_mid_test_then_restarted(
     uport = await nursery.start(up.serve)
     conf = write(tmp_path, uport, store(redis_server, on_failure))
     now = Now()
-    _gw, port, shared = await start(nursery, conf, now)
+    gw, port, shared = await start(nursery, conf, now)
     c = await Client.open(port)
     assert await statuses(c, KEY, 11) == [200] * 10 + [429]  # drained, in Redis
     redis_server.kill()
@@ -171,6 +179,10 @@ async def test_redis_killed_mid_test_then_restarted(
         r = await c.request(b"GET", b"/api/x", KEY2)  # even a fresh caller
         assert r.status == 429 and r.header(b"retry-after") == b"1"
     assert shared.statistics()["fallbacks"] > 0
+    text = metrics_text(gw)
+    assert "fastgw_rate_limit_store_up 0.0" in text
+    assert 'fastgw_rate_limit_store_calls_total{result="ok"} 11.0' in text
+    assert f"fastgw_rate_limit_store_fallbacks_total {shared.statistics()['fallbacks']}.0" in text
     redis_server.restart()  # empty: no persistence
     with trio.fail_after(10):
         await shared.wait_redis()
