@@ -164,8 +164,16 @@ def explain(
                 allowed = False
         out.append("decision: " + ("allowed" if allowed else "403 forbidden"))
     for lim in route.limits:
+        quota = f"{lim.rate:g}/s, burst {lim.burst:g}"
+        if lim.tiered:
+            tier = lim.tier_for(ident)
+            quota = (
+                f"tier {tier.name} ({lim.tier_claim}): {tier.rate:g}/s, burst {tier.burst:g}"
+                if tier is not None
+                else f"no tier ({lim.tier_claim}) and no default tier: 403 no_tier"
+            )
         out.append(
-            f"rate limit {lim.name}: {lim.rate:g}/s, burst {lim.burst:g}, "
+            f"rate limit {lim.name}: {quota}, "
             f"key {lim.kind}{':' + lim.arg.decode() if lim.arg else ''}"
             + (" (shadow)" if lim.shadow else "")
         )

@@ -266,3 +266,21 @@ def test_config_errors(tmp_path: Path) -> None:
     assert problems(tmp_path, base + 'tier = "claim:plan"\ntier_map = "nope.map"\n' + tier) == [
         (conf, "rate_limits[0].tier_map", f"file not found: {missing}")
     ]
+
+
+def test_explain_names_the_callers_tier(tmp_path: Path) -> None:
+    from fastgw.policy.explain import explain
+
+    (tmp_path / "teams.map").write_text("billing pro\n")
+    cfg = load_config(
+        write(
+            tmp_path,
+            9,
+            KEYS + TIERED.replace("[rate_limits.tiers.default]\nrate_per_s = 1\nburst = 1\n", ""),
+        )
+    )
+    url = "http://gw.test/api/x"
+    _, lines = explain(cfg, "GET", url, ["X-Api-Key: key-one"])
+    assert "rate limit team: tier pro (team): 10/s, burst 3, key identity" in lines
+    _, lines = explain(cfg, "GET", url, ["X-Api-Key: key-two"])
+    assert "rate limit team: no tier (team) and no default tier: 403 no_tier, key identity" in lines
