@@ -10,6 +10,8 @@ parser, answered and closed.
 - ``/readyz``: 200 when the config is loaded and every listener is bound and accepting;
   503 while draining.
 - ``/config``: the effective configuration as JSON, secrets redacted.
+- ``/backends``: each backend's endpoints and their state (healthy, ejected or paused
+  until, in flight, queued) as JSON.
 - ``POST /maps/reload``: re-read the routes' map files and swap them in atomically.
 """
 
@@ -77,6 +79,11 @@ def _answer(gw: Gateway, registry: Any, target: bytes) -> tuple[int, bytes, byte
         return (200 if ready else 503), b"application/json", body
     if path == b"/config":
         body = json.dumps(redact(gw.config), indent=2, default=str).encode() + b"\n"
+        return 200, b"application/json", body
+    if path == b"/backends":
+        now = gw.now
+        backends = {n: b.statistics(now) for n, b in list(gw.state.backends.items())}
+        body = json.dumps({"now": now, "backends": backends}, indent=2).encode() + b"\n"
         return 200, b"application/json", body
     return 404, b"application/json", b'{"error":"not_found"}\n'
 

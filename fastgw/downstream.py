@@ -654,13 +654,6 @@ class Downstream:
             fb_s = _clock() - t_sent
             backend.first_byte.observe(fb_s)
 
-        # The outcome, for balancing (pool.py): a 429/503 with Retry-After pauses the
-        # endpoint, 5xx count toward ejection; else one compare (and a reset after errors).
-        if rh.status >= 429:
-            pool.outcome(rh.status, rh)
-        elif pool.c5xx:
-            pool.c5xx = pool.cgw = 0
-
         # Response head and body, upstream -> client.
         keep = head.keep_alive and not gw.draining
         ukind = rh.body_kind
@@ -754,6 +747,12 @@ class Downstream:
         self.phase = DONE
         status = rh.status
         route.status_counts[status // 100] += 1
+        # The outcome, for balancing (pool.py): a 429/503 with Retry-After pauses the
+        # endpoint, 5xx count toward ejection; else one compare (and a reset after errors).
+        if status >= 429:
+            pool.outcome(status, rh)
+        elif pool.c5xx:
+            pool.c5xx = pool.cgw = 0
         dur = _clock() - self.t0
         route.duration.observe(dur)
         audit = gw.audit

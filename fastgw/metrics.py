@@ -89,6 +89,61 @@ def _keep_warm_family(backends: Iterable[Any]) -> Metric:
     return fam
 
 
+def _endpoint_families(backends: Iterable[Any], now: float) -> Iterator[Metric]:
+    """Endpoint state from fastgw/upstream/backend.py: health, ejections, in flight,
+    pauses, and each backend's queue."""
+    healthy = GaugeMetricFamily(
+        "fastgw_endpoint_healthy",
+        "1 while the endpoint passes its active health checks (always 1 without checks)",
+        labels=["backend", "endpoint"],
+    )
+    ejections = CounterMetricFamily(
+        "fastgw_endpoint_ejections",
+        "Times the endpoint was ejected (refused connects, consecutive 5xx or gateway errors)",
+        labels=["backend", "endpoint"],
+    )
+    available = GaugeMetricFamily(
+        "fastgw_endpoint_available",
+        "1 while the endpoint takes traffic (healthy, not ejected, not paused)",
+        labels=["backend", "endpoint"],
+    )
+    pauses = CounterMetricFamily(
+        "fastgw_endpoint_pauses",
+        "Times the endpoint was paused by an upstream 429/503 with Retry-After",
+        labels=["backend", "endpoint"],
+    )
+    in_flight = GaugeMetricFamily(
+        "fastgw_endpoint_in_flight",
+        "Requests in flight to the endpoint (admitted, for backends with caps)",
+        labels=["backend", "endpoint"],
+    )
+    queued = GaugeMetricFamily(
+        "fastgw_backend_queued", "Requests waiting for a slot", labels=["backend"]
+    )
+    queue_timeouts = CounterMetricFamily(
+        "fastgw_backend_queue_timeouts",
+        "Requests answered 503 after waiting the whole queue timeout",
+        labels=["backend"],
+    )
+    for b in list(backends):
+        for p in b.pools:
+            lab = [b.name, p.endpoint.url]
+            healthy.add_metric(lab, 1 if p.healthy else 0)
+            ejections.add_metric(lab, p.ejections)
+            available.add_metric(lab, 0 if p.down > now else 1)
+            pauses.add_metric(lab, p.pauses)
+            in_flight.add_metric(lab, p.admitted if b.gated else p.outstanding)
+        queued.add_metric([b.name], len(b.queue))
+        queue_timeouts.add_metric([b.name], b.queue_timeouts)
+    yield healthy
+    yield ejections
+    yield available
+    yield pauses
+    yield in_flight
+    yield queued
+    yield queue_timeouts
+
+
 class GatewayCollector(Collector):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -172,6 +227,7 @@ class GatewayCollector(Collector):
         yield waits
         yield dead
         yield ejections
+        yield from _endpoint_families(state.backends.values(), gw.now)
 
         down = GaugeMetricFamily(
             "fastgw_downstream_connections", "Open client connections", value=len(gw.connections)

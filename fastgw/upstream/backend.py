@@ -189,7 +189,7 @@ class Backend:
             i = self._next
             self._next = i + 1 if i + 1 < n else 0
             p = pools[i]
-            if not p.down:
+            if not p.down or p.available(trio.current_time()):
                 return p
         return self._general()
 
@@ -410,6 +410,43 @@ class Backend:
                 d.pop(ident, None)
 
     # -- upkeep -------------------------------------------------------------------------
+
+    def statistics(self, now: float) -> dict[str, object]:
+        """A JSON-ready snapshot for the admin side (``now``: the gateway's clock;
+        ``*_until`` are on that clock, ``*_for_s`` the seconds left)."""
+        endpoints = []
+        for p in self.pools:
+            ep = p.endpoint
+            ejected = p.ejected_until if p.ejected_until > now else 0.0
+            paused = p.paused_until if p.paused_until > now else 0.0
+            endpoints.append(
+                {
+                    "url": ep.url,
+                    "region": ep.region,
+                    "priority": ep.priority,
+                    "weight": ep.weight,
+                    "healthy": p.healthy,
+                    "ejected_until": ejected or None,
+                    "ejected_for_s": round(ejected - now, 3) if ejected else 0.0,
+                    "ejections": p.ejections,
+                    "paused_until": paused or None,
+                    "paused_for_s": round(paused - now, 3) if paused else 0.0,
+                    "outstanding": p.outstanding,
+                    "in_flight": p.admitted if self.gated else p.outstanding,
+                    "max_in_flight": ep.max_in_flight,
+                    "idle_connections": len(p._idle),
+                }
+            )
+        return {
+            "balance": self.config.balance,
+            "in_flight": self.admitted if self.gated else sum(p.outstanding for p in self.pools),
+            "max_in_flight": self.config.max_in_flight,
+            "queued": len(self.queue),
+            "max_queued": self.max_queued,
+            "queue_timeouts": self.queue_timeouts,
+            "rejected": self.rejected,
+            "endpoints": endpoints,
+        }
 
     def expire_idle(self, now: float) -> int:
         return sum(p.expire_idle(now) for p in self.pools)
