@@ -638,6 +638,7 @@ class Downstream:
                     rh, ubuf, upos = await self._response_head(ut, is_head, None)
             except (ProtocolError, UpstreamFailed, OSError) as e:
                 pool.release(conn, False)
+                pool.failed()  # a gateway failure, toward outlier ejection
                 self.upconn = None
                 if isinstance(e, UpstreamFailed):
                     code, detail = e.code, e.detail
@@ -1502,6 +1503,8 @@ class Downstream:
             )
         elif phase == UPSTREAM:
             self.gw.count_error("upstream_timeout")
+            if self.upconn is not None:
+                self.upconn.pool.failed()  # a gateway failure, toward outlier ejection
             await self.send_error(
                 504, "upstream_timeout", "the function did not answer in time", self.rid, close=True
             )

@@ -1443,13 +1443,16 @@ class _Builder:
                 kw["path"] = path
         statuses = hc.get("expected_statuses")
         if statuses is not None:
-            if not isinstance(statuses, list) or not all(
-                isinstance(x, int) and not isinstance(x, bool) and 100 <= x <= 599 for x in statuses
-            ):
+            if not isinstance(statuses, list):
                 got = _describe(statuses)
-                hr.bad("expected_statuses", f"expected array of status codes 100-599, got {got}")
+                hr.bad("expected_statuses", f"expected array of status codes, got {got}")
             else:
-                kw["expected_statuses"] = tuple(statuses)
+                for i, x in enumerate(statuses):
+                    if isinstance(x, bool) or not isinstance(x, int) or not 100 <= x <= 599:
+                        shown = str(x) if isinstance(x, int) else _describe(x)
+                        hr.bad(f"expected_statuses[{i}]", f"not a status code 100-599: {shown}")
+                if hr.ok:
+                    kw["expected_statuses"] = tuple(statuses)
         interval = kw.get("interval_s", _default(HealthCheckConfig, "interval_s"))
         timeout = kw.get("timeout_s", _default(HealthCheckConfig, "timeout_s"))
         if timeout > interval:

@@ -1,16 +1,21 @@
-"""Balancing across a backend's endpoints: least outstanding of two random choices, and
-round robin; over real sockets, a slow endpoint gets fewer requests."""
+"""Balancing across a backend's endpoints: least outstanding of two random choices, round
+robin, weighted, hash; priority levels; and the configuration of all of it. Over real
+sockets where the spread is what a client sees (a slow endpoint gets fewer requests,
+weights hold, a tenant sticks to one endpoint)."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+from pathlib import Path
 
 import pytest
 import trio
 from trio.testing import MockClock
 
-from fastgw.config.model import BackendConfig
+from fastgw.config import load_config
+from fastgw.config.model import BackendConfig, HealthCheckConfig, OutlierConfig
+from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway
 from fastgw.upstream.backend import Backend
 from tests.e2e.helpers import Client, Received, Responder, Upstream, endpoint, make_config
@@ -210,3 +215,97 @@ async def test_paused_single_endpoint_is_not_picked(autojump_clock: MockClock) -
     p.eject(30.0)  # ejected but not paused: still used (nothing else to use)
     await trio.sleep(3.0)
     assert one.pick() is p
+
+
+# -- configuration ------------------------------------------------------------------------
+
+_BASE = """
+[[listeners]]
+name = "main"
+address = "127.0.0.1:0"
+
+[[routes]]
+name = "all"
+backend = "fn"
+
+[backends.fn]
+"""
+
+
+def test_endpoint_tables_and_backend_keys_load(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        _BASE
+        + """endpoints = [
+  "http://127.0.0.1:9000",
+  {url = "https://fn.example.com/x", region = "eu", priority = 1, weight = 3, max_in_flight = 8},
+]
+balance = "hash"
+hash_on = "header:X-Tenant"
+max_in_flight = 20
+max_in_flight_per_identity = 4
+max_queued = 50
+queue_timeout_s = 2.5
+retry_after_max_s = 30
+health_check = {path = "/healthz", interval_s = 5, expected_statuses = [200, 204]}
+outlier = {consecutive_5xx = 3, max_ejection_percent = 50, base_ejection_time_s = 10}
+"""
+    )
+    b = load_config(path).backends["fn"]
+    plain, table = b.endpoints
+    assert (plain.priority, plain.weight, plain.region, plain.max_in_flight) == (0, 1, "", 0)
+    assert (table.url, table.region, table.priority, table.weight, table.max_in_flight) == (
+        "https://fn.example.com/x", "eu", 1, 3, 8,
+    )  # fmt: skip
+    assert (b.balance, b.hash_on, b.max_in_flight, b.max_in_flight_per_identity) == (
+        "hash", "header:X-Tenant", 20, 4,
+    )  # fmt: skip
+    assert (b.max_queued, b.queue_timeout_s, b.retry_after_max_s) == (50, 2.5, 30.0)
+    assert b.health_check == HealthCheckConfig(
+        path="/healthz", interval_s=5.0, expected_statuses=(200, 204)
+    )
+    assert b.outlier == OutlierConfig(
+        consecutive_5xx=3, max_ejection_percent=50, base_ejection_time_s=10.0
+    )
+    assert b.gated
+
+
+def test_bad_balancing_config_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(
+        _BASE
+        + """endpoints = [
+  {url = "http://127.0.0.1:9000", weight = 0, zone = "a"},
+  {region = "eu"},
+  7,
+]
+hash_on = "identity"
+queue_timeout_s = 1
+health_check = {interval_s = 1, timeout_s = 2, expected_statuses = [200, 700]}
+outlier = {max_ejection_percent = 150, base_ejection_time_s = 400}
+"""
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    got = {(k, m) for _, k, m in info.value.problems}
+    assert got == {
+        ("backends.fn.endpoints[0].zone", 'unknown key "zone"'),
+        ("backends.fn.endpoints[0].weight", "must be 1 or more, got 0"),
+        ("backends.fn.endpoints[1].url", "missing (required)"),
+        (
+            "backends.fn.endpoints[2]",
+            "expected string (a URL) or table {url = ...}, got integer 7",
+        ),
+        ("backends.fn.hash_on", 'hash_on has no effect unless balance = "hash"'),
+        ("backends.fn.queue_timeout_s", "queue_timeout_s has no effect without max_queued"),
+        ("backends.fn.health_check.expected_statuses[1]", "not a status code 100-599: 700"),
+        (
+            "backends.fn.health_check.timeout_s",
+            "timeout_s (2 s) is longer than interval_s (1 s)",
+        ),
+        ("backends.fn.outlier.max_ejection_percent", "must be 0-100, got 150"),
+        (
+            "backends.fn.outlier.base_ejection_time_s",
+            "base_ejection_time_s (400 s) is longer than max_ejection_time_s (300 s)",
+        ),
+    }

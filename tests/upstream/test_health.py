@@ -287,3 +287,39 @@ async def test_admin_backends_and_metrics(nursery: trio.Nursery) -> None:
     assert got[("fastgw_endpoint_ejections_total", ua)] == 0
     assert got[("fastgw_endpoint_in_flight", ub)] == 0
     assert got[("fastgw_backend_queued", "")] == 0
+
+
+async def test_resets_and_timeouts_count_as_gateway_failures(
+    nursery: trio.Nursery, autojump_clock: MockClock
+) -> None:
+    """An endpoint that drops requests (no answer) and one that never answers are each
+    ejected after ``consecutive_gateway_failure`` of them, through the gateway."""
+
+    async def drop(req: Received, r: Responder) -> None:
+        await r.stream.aclose()
+        raise trio.ClosedResourceError  # ends the helper's connection loop
+
+    async def hang(req: Received, r: Responder) -> None:
+        await trio.sleep_forever()
+
+    for handler, expect in ((drop, 502), (hang, 504)):
+        bad, good = Upstream(handler=handler), Upstream()
+        pa, pg = await nursery.start(bad.serve), await nursery.start(good.serve)
+        cfg = make_config(
+            [f"http://127.0.0.1:{pa}", f"http://127.0.0.1:{pg}"],
+            backend_kw={
+                "balance": "round_robin",
+                "first_byte_timeout_s": 1.0,
+                "outlier": OutlierConfig(consecutive_gateway_failure=2, consecutive_5xx=0),
+            },
+        )
+        gw = Gateway(cfg)
+        port = (await nursery.start(gw.serve))[0][1]
+        statuses = []
+        for _ in range(8):
+            c = await Client.open(port)
+            statuses.append((await c.request(b"POST", b"/", body=b"x")).status)
+            await c.aclose()
+        assert statuses[:4] == [expect, 200, expect, 200], handler
+        assert statuses[4:] == [200] * 4
+        assert gw.state.backends["fn"].pools[0].ejected()
