@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import socket
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -908,7 +909,12 @@ class Downstream:
         self.phase = UPSTREAM
         self.deadline = self.gw.now + backend.config.queue_timeout_s + 1.0
         try:
-            pool = await backend.admit(ident, hk)
+            pool = backend.admit_nowait(ident, hk)
+            if pool is None:
+                pool = await self._queued(backend, ident, hk)
+                if pool is None:
+                    self.gw.count_error("client_gone")
+                    return None
         except Unavailable as e:
             self.gw.count_error(e.code)
             await self.send_error(
@@ -918,6 +924,38 @@ class Downstream:
             return None
         self.slot = (backend, pool, ident)
         return pool
+
+    async def _queued(self, backend, ident: bytes | None, hk: bytes | None) -> Pool | None:  # type: ignore[no-untyped-def]
+        """Wait in ``backend``'s queue while watching the client: one that closes its
+        connection meanwhile leaves the queue (None). Raises Unavailable."""
+        pool = None
+        refused = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_client_gone, nursery.cancel_scope)
+            try:
+                pool = await backend.admit_wait(ident, hk)
+            except Unavailable as e:
+                refused = e  # raised outside the nursery, not in an exception group
+            nursery.cancel_scope.cancel()
+        if refused is not None:
+            raise refused
+        return pool
+
+    async def _watch_client_gone(self, scope: trio.CancelScope) -> None:
+        """Cancel ``scope`` if the client closes its connection (EOF or reset). Bytes
+        arriving instead (a pipelined request) end the watch: they are read later."""
+        sock = self.t.sock
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                data = sock.recv(1, socket.MSG_PEEK)
+            except BlockingIOError:
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                scope.cancel()
+            return
 
     def release_slot(self) -> None:
         slot = self.slot

@@ -245,6 +245,8 @@ class Backend:
         if j >= i:
             j += 1
         a, b = cands[i], cands[j]
+        if self.gated:  # slots taken are the load (a connection may not be open yet)
+            return a if a.admitted <= b.admitted else b
         return a if a.outstanding <= b.outstanding else b
 
     def _rendezvous(self, cands: list[Pool], h: int) -> Pool:
@@ -312,6 +314,15 @@ class Backend:
         """A slot on an endpoint, waiting in the queue if the caps are full. ``ident``
         (None: no per-caller cap) is the caller's key. Pair with ``release``. Raises
         Unavailable (the answer to send) when no slot can be had."""
+        pool = self.admit_nowait(ident, hash_key)
+        if pool is None:
+            pool = await self.admit_wait(ident, hash_key)
+        return pool
+
+    def admit_nowait(self, ident: bytes | None, hash_key: bytes | None) -> Pool | None:
+        """A slot now, or None: the caller must ``admit_wait`` (its place in the queue
+        is not taken yet). Raises Unavailable for an answer that waiting cannot change
+        (per-caller cap, every endpoint paused, a full queue)."""
         if ident is not None and self.ident_cap:
             if self.per_identity.get(ident, 0) >= self.ident_cap:
                 self.rejected += 1
@@ -327,7 +338,7 @@ class Backend:
                 self._count(ident)
                 return p
             if self.admitted < self.cap and self._all_paused():
-                # Every endpoint is paused (or none is usable): wait as asked.
+                # Every endpoint is paused: wait as asked, elsewhere.
                 self.rejected += 1
                 raise Unavailable(
                     503,
@@ -340,6 +351,12 @@ class Backend:
             raise Unavailable(
                 503, "upstream_saturated", "the function is at its concurrency limit", 1.0
             )
+        return None
+
+    async def admit_wait(self, ident: bytes | None, hash_key: bytes | None) -> Pool:
+        """Wait in the FIFO queue (after ``admit_nowait`` said None, with no checkpoint
+        in between) for at most ``queue_timeout_s``. Cancelling the caller leaves the
+        queue cleanly. Raises Unavailable (503 queue_timeout)."""
         self._count(ident)
         w = _Waiter(hash_key)
         self.queue.append(w)

@@ -291,3 +291,48 @@ async def test_upstream_retry_after_pauses_the_endpoint(
     assert r.header(b"retry-after") == b"4"
     assert b"upstream_paused" in r.body
     assert len(a.received) + len(b.received) == seen
+
+
+async def test_a_queued_client_that_hangs_up_leaves_the_queue(
+    nursery: trio.Nursery, autojump_clock: MockClock
+) -> None:
+    release = trio.Event()
+
+    async def slow(req: Received, r: Responder) -> None:
+        await release.wait()
+        await r.respond(200, b"done")
+
+    up = Upstream(handler=slow)
+    uport = await nursery.start(up.serve)
+    cfg = make_config([], backend_kw={"max_queued": 5, "queue_timeout_s": 100.0})
+    cfg = dataclasses.replace(
+        cfg,
+        backends={
+            "fn": dataclasses.replace(cfg.backends["fn"], endpoints=(ep(uport, max_in_flight=1),))
+        },
+    )
+    gw = Gateway(cfg)
+    port = (await nursery.start(gw.serve))[0][1]
+    b = gw.state.backends["fn"]
+    done: list[int] = []
+
+    async def first() -> None:
+        c = await Client.open(port)
+        done.append((await c.request(b"GET", b"/")).status)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(first)
+        await trio.sleep(0.1)
+        quitter = await Client.open(port)
+        await quitter.send_raw(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await trio.sleep(0.1)
+        assert len(b.queue) == 1
+        await quitter.aclose()
+        await trio.sleep(0.1)
+        assert len(b.queue) == 0  # it left long before its 100 s were up
+        assert trio.current_time() < 1.0
+        release.set()
+    assert done == [200]
+    assert len(up.received) == 1
+    assert_idle(b)
+    assert gw.errors["client_gone"] >= 1
