@@ -503,16 +503,22 @@ cdef class BucketTable:
             raise ValueError("cost must be >= 0")
         if n > MAX_KEY_BYTES:
             raise ValueError(f"key of {n} bytes: at most {MAX_KEY_BYTES}")
+        cdef double w
         if not self.shared:
-            return self._take(k, n, cost, now, now_ns, rate, burst)
-        fgw_shm_lock(&self.sh.lock)
-        try:
-            return self._take(k, n, cost, now, now_ns, rate, burst)
-        finally:
-            fgw_shm_unlock(&self.sh.lock)
+            w = self._take(k, n, cost, now, now_ns, rate, burst)
+        else:
+            fgw_shm_lock(&self.sh.lock)
+            try:
+                w = self._take(k, n, cost, now, now_ns, rate, burst)
+            finally:
+                fgw_shm_unlock(&self.sh.lock)
+        if w == 0.0:
+            return _ZERO
+        return _INF if w == INFINITY else w
 
-    cdef inline object _take(self, const unsigned char* k, Py_ssize_t n, long long cost,
-                             double now, int64_t now_ns, double rate, double burst):
+    cdef inline double _take(self, const unsigned char* k, Py_ssize_t n, long long cost,
+                             double now, int64_t now_ns, double rate,
+                             double burst) except? -1.0:
         cdef uint32_t pid = self._policy(rate, burst)
         cdef Policy* p = &self.pol[pid]
         cdef unsigned char dig[DIGEST]
@@ -521,7 +527,7 @@ cdef class BucketTable:
         cdef Slot* s
         if cost > p.max_cost:
             self.sh.n_limited += 1
-            return _INF
+            return INFINITY
         h = self._hash(&k, &n, dig)
         i = self._find(k, n, h)
         if i < 0:
@@ -529,7 +535,7 @@ cdef class BucketTable:
             self.sh.n_allowed += 1
             if cost > 0:
                 self._insert(k, n, h, pid, now_ns + cost * p.interval, now_ns)
-            return _ZERO
+            return 0.0
         s = &self.slots[i]
         if now_ns > s.last_used:
             s.last_used = now_ns
@@ -546,7 +552,7 @@ cdef class BucketTable:
         if wait_ns <= 0:
             s.tat = new_tat
             self.sh.n_allowed += 1
-            return _ZERO
+            return 0.0
         self.sh.n_limited += 1
         return _wait_s(now, now_ns, wait_ns)
 
