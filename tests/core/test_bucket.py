@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import math
+import os
 import random
 import subprocess
 import sys
@@ -731,3 +732,42 @@ def test_processes_sharing_a_table_never_get_more_than_burst_plus_rate(
                 assert (j - i + 1 - burst) * NS <= rate * (times[j] - times[i]), (k, i, j)
         span = times[-1] - times[0]
         assert len(times) >= burst + rate * span / NS * 0.5, (k, len(times), span)
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path: Path) -> None:
+    """The lock word (the first of the table's region, after the file's header page)
+    names its owner. A waiter takes over a lock whose owner is gone, and keeps waiting
+    while the owner lives."""
+    from fastgw._core.shm import HEADER_BYTES
+
+    path = tmp_path / "buckets"
+    t = BucketTable(16, path)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            os.pwrite(fd, sleeper.pid.to_bytes(4, sys.byteorder), HEADER_BYTES)
+            code = (
+                "from fastgw._core.bucket import BucketTable\n"
+                f"t = BucketTable(16, {str(path)!r})\n"
+                "print('opened', flush=True)\n"
+                "t.take(b'k', 1, 0.0, 1.0, 1.0)\n"
+            )
+            with subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) as taker:
+                try:
+                    assert taker.stdout is not None
+                    assert taker.stdout.readline() == b"opened\n"
+                    with pytest.raises(subprocess.TimeoutExpired):
+                        taker.wait(timeout=0.5)  # the owner lives: the taker waits
+                    sleeper.kill()
+                    sleeper.wait()
+                    # The owner died: the lock is taken over.
+                    assert taker.wait(timeout=30) == 0
+                finally:
+                    taker.kill()
+        finally:
+            sleeper.kill()
+            sleeper.wait()
+        assert b"k" in t
+    finally:
+        os.close(fd)
