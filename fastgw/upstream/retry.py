@@ -43,7 +43,6 @@ that ask for keep-warm); the default request path never touches this module.
 from __future__ import annotations
 
 import random
-import time
 from array import array
 from typing import TYPE_CHECKING
 
@@ -321,7 +320,7 @@ async def _warm_exchange(gw: Gateway, pool: Pool, path: bytes) -> bool:
     binding = creds.get(pool) if creds else None
     if binding is not None:
         head = parse_request_head(raw + b"\r\n")
-        lines = binding.lines(head, target, pool.host_header, gw.now, time.time(), None)
+        lines = binding.lines(head, target, pool.host_header, gw.now, payload_hash=None)
         if lines is None:
             return False  # no valid credential: nothing useful to send
         raw += lines

@@ -12,9 +12,11 @@ p99 against a bound with a wide margin), not speed; bench/hedging.py measures.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import trio
 
-from fastgw.config.model import HedgeConfig, RouteConfig
+from fastgw.config.model import CredentialConfig, HedgeConfig, RouteConfig
 from fastgw.gateway import Gateway
 from fastgw.upstream.pool import Pool
 from fastgw.upstream.retry import HedgePolicy, likely_cold, track_of
@@ -183,3 +185,26 @@ async def test_keep_warm_pings_idle_endpoints_so_they_stay_warm(nursery: trio.Nu
     assert a.cold_starts == 1  # only the very first ping met a cold instance
     t = gw.state.backends["fn"].pools[0].track
     assert t is not None and t.warm_ok == len(pings) and t.warm_failed == 0
+
+
+async def test_keep_warm_carries_the_upstream_credential(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    token = tmp_path / "fn.token"
+    token.write_text("warm-token\n")
+    a = FnEndpoint(b"A")
+    await nursery.start(a.serve)
+    cfg = make_config(
+        [a.url],
+        backend_kw={
+            "keep_warm_interval_s": 0.1,
+            "keep_warm_path": "/warm",
+            "credential": CredentialConfig(type="bearer_file", path=str(token)),
+        },
+    )
+    gw = Gateway(cfg)
+    await nursery.start(gw.serve)
+    while not a.seen:
+        await trio.sleep(0.05)
+    assert a.seen[0].target == b"/warm"
+    assert a.seen[0].headers[b"authorization"] == b"Bearer warm-token"
