@@ -21,7 +21,7 @@ from fastgw.gateway import Gateway
 from fastgw.upstream.pool import Pool
 from fastgw.upstream.retry import HedgePolicy, likely_cold, track_of
 from tests.e2e.helpers import Client, make_config
-from tests.upstream.fn_endpoint import FnEndpoint
+from tests.upstream.fn_endpoint import Act, FnEndpoint
 
 WARM_S = 0.01  # both endpoints' ordinary answer time
 COLD_START_S = 2.0
@@ -208,3 +208,28 @@ async def test_keep_warm_carries_the_upstream_credential(
         await trio.sleep(0.05)
     assert a.seen[0].target == b"/warm"
     assert a.seen[0].headers[b"authorization"] == b"Bearer warm-token"
+
+
+async def test_likely_cold_endpoints_get_their_own_first_byte_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    # 0.8 s to a first byte: a cold start the first time, a stuck function the second.
+    a = FnEndpoint(b"A", cold_after_idle_s=60.0, cold_start_s=0.8)
+    await nursery.start(a.serve)
+    slow = Act(delay_s=0.8)
+    cfg = make_config(
+        [a.url],
+        backend_kw={"first_byte_timeout_s": 0.3, "cold_first_byte_timeout_s": 5.0},
+    )
+    gw = Gateway(cfg)
+    c = await Client.open((await nursery.start(gw.serve))[0][1])
+    # No connection yet: likely cold, so the 5 s timeout applies and the cold start
+    # is waited out.
+    r = await c.request(b"GET", b"/x")
+    assert (r.status, a.cold_starts) == (200, 1)
+    # Warm now (a connection just used): the 0.3 s first-byte timeout applies.
+    a.act = lambda req: slow
+    t0 = trio.current_time()
+    r = await c.request(b"GET", b"/x")
+    assert r.status == 504
+    assert trio.current_time() - t0 < 0.7
