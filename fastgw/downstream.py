@@ -142,10 +142,11 @@ def _rebuild(d, retry, pool, first: bytes) -> bytes | None:  # type: ignore[no-u
 
 
 def _other_endpoint(backend, used: list[Pool]) -> Pool | None:  # type: ignore[no-untyped-def]
-    """For a hedge: the least busy endpoint not tried yet and not paused (an
-    available one unless none is), or None."""
+    """For a hedge: the least busy endpoint not tried yet, not paused and under its
+    in-flight cap (a hedge takes no admission slot, so a full endpoint gets none);
+    an available one unless none is; None when there is none."""
     now = trio.current_time()
-    rest = [p for p in backend.pools if p not in used and not p.paused(now)]
+    rest = [p for p in backend.pools if p not in used and not p.paused(now) and p.admitted < p.cap]
     if not rest:
         return None
     live = [p for p in rest if p.available(now)] or rest
