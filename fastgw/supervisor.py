@@ -46,6 +46,8 @@ PORTS_ENV = "FASTGW_WORKER_PORTS"
 WORKER_ENV = "FASTGW_WORKER"
 # "<max_keys>:<path>" of the bucket table the workers share.
 SHARED_BUCKETS_ENV = "FASTGW_SHARED_BUCKETS"
+# Gauges that each worker reads from the shared table: the group's value, not a part.
+_SHARED_GAUGES = frozenset({"fastgw_rate_limit_keys"})
 # A worker that dies within this long of starting counts as a crash at start; after
 # three in a row the supervisor waits longer before the next try (up to 10 s).
 _EARLY_DEATH_S = 2.0
@@ -319,7 +321,8 @@ async def _get(port: int, path: bytes) -> tuple[int, bytes, bytes]:
 def merge_metrics(texts: list[str], workers: int) -> bytes:
     """Add up the workers' expositions: samples with the same name and labels are
     summed (counters, gauges such as open connections, histogram buckets), except info
-    metrics and timestamps, where one value stands for all (the newest timestamp)."""
+    metrics, timestamps and gauges of state the workers share (``_SHARED_GAUGES``: every
+    worker reports the whole of it), where one value stands for all (the largest)."""
     from prometheus_client.core import Metric
     from prometheus_client.exposition import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
@@ -341,7 +344,11 @@ def merge_metrics(texts: list[str], workers: int) -> bytes:
                 if key not in vals:
                     order[fam.name].append(key)
                     vals[key] = s.value
-                elif fam.type == "info" or s.name.endswith("_timestamp_seconds"):
+                elif (
+                    fam.type == "info"
+                    or s.name.endswith("_timestamp_seconds")
+                    or s.name in _SHARED_GAUGES
+                ):
                     vals[key] = max(vals[key], s.value)
                 else:
                     vals[key] += s.value

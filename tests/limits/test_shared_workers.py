@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import trio
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.helpers import Client, FastgwProcess, Upstream
 
@@ -25,6 +26,7 @@ async def test_two_workers_share_one_bucket_per_caller(
     uport = await nursery.start(up.serve)
     conf = tmp_path / "gateway.toml"
     conf.write_text(
+        '[admin]\naddress = "127.0.0.1:0"\n'
         '[[listeners]]\nname = "main"\naddress = "127.0.0.1:0"\n'
         f'[backends.fn]\nendpoints = ["http://127.0.0.1:{uport}"]\n'
         '[[routes]]\nname = "all"\npath_prefix = "/"\nbackend = "fn"\n'
@@ -34,6 +36,7 @@ async def test_two_workers_share_one_bucket_per_caller(
     p = await FastgwProcess.start(nursery, ["serve", "-c", str(conf), "--workers", "2"])
     with trio.fail_after(60):
         port = int((await p.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")).group(1))
+        admin = int((await p.wait_line(r"admin on http://127\.0\.0\.1:(\d+)")).group(1))
         # 60 one-request connections, one client address: the kernel spreads them over
         # both workers (SO_REUSEPORT); the shared bucket lets exactly 20 through, at 1/s
         # plus whatever refilled while the test ran (at most a few tokens).
@@ -49,6 +52,18 @@ async def test_two_workers_share_one_bucket_per_caller(
             assert allowed == 20 and statuses[:20] == [200] * 20
         # Each worker refused some: neither had a bucket of its own.
         assert all(429 in s for s in served_by.values()), served_by
+
+        # The group's /metrics: one key in the one table (each worker reports it whole).
+        mc = await Client.open(admin)
+        text = (await mc.request(b"GET", b"/metrics")).body.decode()
+        await mc.aclose()
+        keys = [
+            s.value
+            for fam in text_string_to_metric_families(text)
+            for s in fam.samples
+            if s.name == "fastgw_rate_limit_keys"
+        ]
+        assert keys == [1.0], keys
 
         # A reload (SIGHUP, forwarded to both workers) keeps the shared table: the
         # caller stays limited, and only what refilled since the start gets through.
