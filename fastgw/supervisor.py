@@ -115,10 +115,7 @@ class Supervisor:
             self.ports[lc.name] = s.getsockname()[1]
 
     async def run(self) -> int:
-        shm = "/dev/shm"
-        self.state_dir = tempfile.mkdtemp(
-            prefix="fastgw-", dir=shm if os.path.isdir(shm) and os.access(shm, os.W_OK) else None
-        )
+        self.state_dir = tempfile.mkdtemp(prefix="fastgw-", dir=_state_parent(self.config))
         try:
             return await self._run()
         finally:
@@ -367,6 +364,19 @@ def merge_metrics(texts: list[str], workers: int) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Merged())
     return generate_latest(registry)
+
+
+def _state_parent(config: GatewayConfig) -> str | None:
+    """/dev/shm when it has room for the shared bucket table (about 80 bytes a key, and
+    a container's /dev/shm may be 64 MiB), else the temporary directory."""
+    shm = "/dev/shm"
+    need_bytes = 100 * config.max_limit_keys + (16 << 20)
+    try:
+        if os.access(shm, os.W_OK) and shutil.disk_usage(shm).free >= need_bytes:
+            return shm
+    except OSError:
+        pass
+    return None
 
 
 def run_workers(config: GatewayConfig, config_path: str, workers: int) -> int:

@@ -34,7 +34,9 @@ Use it from another core module (``budget.pyx``, say)::
     # keep a reference to f for as long as region is used; the mapping goes with it
 
 and add the module to setup.py. The mapping is MAP_SHARED over a file: put it on
-tmpfs (/dev/shm), or the kernel writes the pages back to disk now and then.
+tmpfs (/dev/shm), or the kernel writes the pages back to disk now and then. A fresh
+file's pages are all allocated at open (``posix_fallocate``): a file system without
+room for them fails the open, not a later write (which would be SIGBUS).
 """
 
 import fcntl
@@ -92,6 +94,16 @@ cdef class SharedFile:
                 # leaves a file that reads as fresh.
                 os.ftruncate(self.fd, 0)
                 os.ftruncate(self.fd, self.total)
+                # Every page reserved now: a file system that runs out of room later
+                # (a small /dev/shm in a container) would raise SIGBUS at a write to
+                # the mapping; here it is an OSError at open.
+                try:
+                    os.posix_fallocate(self.fd, 0, self.total)
+                except OSError as e:
+                    os.ftruncate(self.fd, 0)
+                    raise OSError(
+                        e.errno, f"no room for {self.total} bytes in {self.path}: {e.strerror}"
+                    ) from None
             p = mmap(NULL, self.total, PROT_READ | PROT_WRITE, MAP_SHARED, self.fd, 0)
             if p == MAP_FAILED:
                 raise OSError(f"mmap of {self.path} ({self.total} bytes) failed")
