@@ -17,7 +17,7 @@ extensions = [
         [f"fastgw/_core/{name}.pyx"],
         extra_compile_args=_cflags,
     )
-    for name in ("http", "metrics", "acl", "shm", "bucket")
+    for name in ("http", "metrics", "acl", "shm", "bucket", "budget")
 ]
 
 setup(
