@@ -53,7 +53,7 @@ def test_stubs_match_the_module(tmp_path: Path) -> None:
             str(allow),
             "--mypy-config-file",
             str(config),
-        ],  # fmt: skip
+        ],
         capture_output=True,
         text=True,
         check=False,
