@@ -31,14 +31,14 @@ class BucketTable:
     def path(self) -> str | None:
         """The file of a shared table, None for a private one."""
 
-    def take(self, key: bytes, cost: int, now: float, rate: float, burst: float) -> float:
+    def take(self, key: bytes, cost: int, now: float, rate_per_s: float, burst: float) -> float:
         """0.0 when ``cost`` tokens were taken at ``now`` (seconds); else the seconds to
         wait (nothing taken); ``inf`` when ``cost > burst``."""
 
-    def peek(self, key: bytes, cost: int, now: float, rate: float, burst: float) -> float:
+    def peek(self, key: bytes, cost: int, now: float, rate_per_s: float, burst: float) -> float:
         """What ``take`` would answer; changes nothing."""
 
-    def remaining(self, key: bytes, now: float, rate: float, burst: float) -> int:
+    def remaining(self, key: bytes, now: float, rate_per_s: float, burst: float) -> int:
         """Whole tokens ``key`` could take at ``now``; changes nothing."""
 
     def statistics(self) -> dict[str, int]:

@@ -423,7 +423,8 @@ cdef class BucketTable:
         cdef uint64_t nsup = (nblk + BLOCK - 1) >> BLOCK_SHIFT
         cdef size_t off_pol = (sizeof(Shared) + 63) // 64 * 64
         cdef size_t off_sum = off_pol + SHARED_POLICIES * sizeof(Policy)
-        cdef size_t off_slots = (off_sum + (nblk + nsup) * 2 * sizeof(int64_t) + 4095) // 4096 * 4096
+        cdef size_t off_slots = (
+            (off_sum + (nblk + nsup) * 2 * sizeof(int64_t) + 4095) // 4096 * 4096)
         cdef size_t total = off_slots + cap * sizeof(Slot)
         cdef unsigned char* base
         cdef SharedFile f
@@ -487,9 +488,10 @@ cdef class BucketTable:
     def max_keys(self) -> int:
         return self._max_keys
 
-    def take(self, bytes key not None, long long cost, double now, double rate, double burst):
+    def take(self, bytes key not None, long long cost, double now, double rate_per_s,
+             double burst):
         """Take ``cost`` tokens from ``key``'s bucket at time ``now`` (seconds), with the
-        bucket's ``rate`` (tokens/s) and ``burst`` (tokens).
+        bucket's ``rate_per_s`` (tokens/s) and ``burst`` (tokens).
 
         Returns 0.0 when the tokens were taken; else the seconds to wait until they would
         be there (nothing is taken): a take of the same cost at any ``t >= now + wait``
@@ -505,11 +507,11 @@ cdef class BucketTable:
             raise ValueError(f"key of {n} bytes: at most {MAX_KEY_BYTES}")
         cdef double w
         if not self.shared:
-            w = self._take(k, n, cost, now, now_ns, rate, burst)
+            w = self._take(k, n, cost, now, now_ns, rate_per_s, burst)
         else:
             fgw_shm_lock(&self.sh.lock)
             try:
-                w = self._take(k, n, cost, now, now_ns, rate, burst)
+                w = self._take(k, n, cost, now, now_ns, rate_per_s, burst)
             finally:
                 fgw_shm_unlock(&self.sh.lock)
         if w == 0.0:
@@ -556,17 +558,18 @@ cdef class BucketTable:
         self.sh.n_limited += 1
         return _wait_s(now, now_ns, wait_ns)
 
-    def peek(self, bytes key not None, long long cost, double now, double rate, double burst):
+    def peek(self, bytes key not None, long long cost, double now, double rate_per_s,
+             double burst):
         """What ``take`` would answer, without taking anything, counting anything or
         touching the key's recency (so a peek never keeps a bucket from eviction)."""
         cdef int64_t now_ns = self._now_ns(now)
         if cost < 0:
             raise ValueError("cost must be >= 0")
         if not self.shared:
-            return self._peek(key, cost, now, now_ns, rate, burst)
+            return self._peek(key, cost, now, now_ns, rate_per_s, burst)
         fgw_shm_lock(&self.sh.lock)
         try:
-            return self._peek(key, cost, now, now_ns, rate, burst)
+            return self._peek(key, cost, now, now_ns, rate_per_s, burst)
         finally:
             fgw_shm_unlock(&self.sh.lock)
 
@@ -585,15 +588,15 @@ cdef class BucketTable:
             return _ZERO
         return _wait_s(now, now_ns, wait_ns)
 
-    def remaining(self, bytes key not None, double now, double rate, double burst) -> int:
+    def remaining(self, bytes key not None, double now, double rate_per_s, double burst) -> int:
         """Whole tokens ``key`` could take at ``now`` (``burst`` rounded down for a key
         not in the table); for the RateLimit response field. Read-only, like ``peek``."""
         cdef int64_t now_ns = self._now_ns(now)
         if not self.shared:
-            return self._remaining(key, now_ns, rate, burst)
+            return self._remaining(key, now_ns, rate_per_s, burst)
         fgw_shm_lock(&self.sh.lock)
         try:
-            return self._remaining(key, now_ns, rate, burst)
+            return self._remaining(key, now_ns, rate_per_s, burst)
         finally:
             fgw_shm_unlock(&self.sh.lock)
 
