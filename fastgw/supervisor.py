@@ -14,13 +14,15 @@ workers. The supervisor (this module) serves no traffic. It:
 - serves the admin listener for the group: ``/metrics`` adds up the workers' own
   metrics (each worker runs its admin endpoint on an ephemeral loopback port and says
   which on its output), so a scrape sees the whole process group;
-- makes a private directory (on /dev/shm when there is one) for the state the workers
-  share, and removes it at exit: the rate-limit buckets live in one file there, which
+- holds the state the workers share: the rate-limit buckets live in one file, which
   each worker maps (``fastgw/_core/bucket.pyx``, "Shared tables"), so a caller's limit
-  is one bucket whichever worker the kernel hands its connection to. The workers learn
-  the file and its size (``max_limit_keys`` of the config the group started with; a
-  reload keeps the table, and a restarted worker must map it the same) through
-  ``FASTGW_SHARED_BUCKETS``.
+  is one bucket whichever worker the kernel hands its connection to. The file is made
+  in a private directory (on /dev/shm when it has the room) and removed at once, with
+  its directory: the supervisor keeps it open and hands the descriptor to each worker,
+  so nothing is left behind however the group ends (its memory goes with the last
+  process that has it open). The workers learn the descriptor and the table's size
+  (``max_limit_keys`` of the config the group started with; a reload keeps the table,
+  and a restarted worker must map it the same) through ``FASTGW_SHARED_BUCKETS``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from fastgw.config.model import GatewayConfig
 
 PORTS_ENV = "FASTGW_WORKER_PORTS"
 WORKER_ENV = "FASTGW_WORKER"
-# "<max_keys>:<path>" of the bucket table the workers share.
+# "<max_keys>:<path>" of the bucket table the workers share (a /proc/self/fd path).
 SHARED_BUCKETS_ENV = "FASTGW_SHARED_BUCKETS"
 # Gauges that each worker reads from the shared table: the group's value, not a part.
 _SHARED_GAUGES = frozenset({"fastgw_rate_limit_keys"})
@@ -99,7 +101,7 @@ class Supervisor:
         self.stopping = False
         self._holders: list[socket.socket] = []
         self.ports: dict[str, int] = {}
-        self.state_dir: str | None = None
+        self.buckets_fd = -1
 
     def _fix_ports(self) -> None:
         for lc in self.config.listeners:
@@ -115,11 +117,16 @@ class Supervisor:
             self.ports[lc.name] = s.getsockname()[1]
 
     async def run(self) -> int:
-        self.state_dir = tempfile.mkdtemp(prefix="fastgw-", dir=_state_parent(self.config))
+        state_dir = tempfile.mkdtemp(prefix="fastgw-", dir=_state_parent(self.config))
+        try:
+            path = os.path.join(state_dir, "buckets")
+            self.buckets_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        finally:
+            shutil.rmtree(state_dir, ignore_errors=True)
         try:
             return await self._run()
         finally:
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+            os.close(self.buckets_fd)
 
     async def _run(self) -> int:
         self._fix_ports()
@@ -171,8 +178,8 @@ class Supervisor:
         env = dict(os.environ)
         env[PORTS_ENV] = ",".join(f"{n}={p}" for n, p in self.ports.items())
         env[WORKER_ENV] = str(w.index)
-        assert self.state_dir is not None
-        buckets = os.path.join(self.state_dir, "buckets")
+        # The same descriptor number in the worker (pass_fds keeps it).
+        buckets = f"/proc/self/fd/{self.buckets_fd}"
         env[SHARED_BUCKETS_ENV] = f"{self.config.max_limit_keys}:{buckets}"
         while not self.stopping:
             w.admin_port = None
@@ -184,6 +191,7 @@ class Supervisor:
                     env=env,
                     stderr=subprocess.PIPE,
                     check=False,
+                    pass_fds=(self.buckets_fd,),
                 )
             )
             w.proc = proc

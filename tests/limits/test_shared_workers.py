@@ -72,12 +72,14 @@ async def test_two_workers_share_one_bucket_per_caller(
         statuses += await requests(port, 20, served_by)
         elapsed_s = trio.current_time() - started
         assert statuses.count(200) <= 20 + int(elapsed_s) + 1, (statuses, elapsed_s)
-        # The table is a file in the supervisor's private directory, gone at exit.
-        state_dir = _state_dir_of(p)
-        assert state_dir is not None and (state_dir / "buckets").is_file()
+        # The table is a file already removed: each worker has it open, from the
+        # supervisor, so nothing is left behind however the group ends.
+        tables = _tables_of(p)
+        assert len(tables) == 2 and all(t.endswith("/buckets (deleted)") for t in tables)
+        assert len({os.path.dirname(t) for t in tables}) == 1, tables
+        assert not os.path.exists(os.path.dirname(tables[0]))
         p.proc.terminate()
         assert await p.proc.wait() == 0
-        assert not state_dir.exists()
 
 
 async def requests(port: int, n: int, served_by: dict[bytes, list[int]]) -> list[int]:
@@ -100,16 +102,16 @@ async def count_lines(p: FastgwProcess, pattern: str, n: int) -> None:
         await p._changed.wait()
 
 
-def _state_dir_of(p: FastgwProcess) -> Path | None:
-    """The supervisor's state directory, from a worker's environment."""
+def _tables_of(p: FastgwProcess) -> list[str]:
+    """What each worker's shared table descriptor points to."""
     pid = p.proc.pid
     children = set()
     for tid in os.listdir(f"/proc/{pid}/task"):  # trio starts processes from threads
         children.update(Path(f"/proc/{pid}/task/{tid}/children").read_text().split())
+    out = []
     for child in children:
-        env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
-        for item in env:
+        for item in Path(f"/proc/{child}/environ").read_bytes().split(b"\0"):
             if item.startswith(b"FASTGW_SHARED_BUCKETS="):
-                path = os.fsdecode(item.split(b"=", 1)[1].split(b":", 1)[1])
-                return Path(path).parent
-    return None
+                fd = os.fsdecode(item.split(b"=", 1)[1].split(b":", 1)[1]).rsplit("/", 1)[1]
+                out.append(os.readlink(f"/proc/{child}/fd/{fd}"))
+    return out
