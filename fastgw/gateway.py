@@ -259,9 +259,10 @@ class Gateway:
         self.errors[code] += 1
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """Ready when the config is loaded, every listener is bound and accepting, and
-        every token issuer's keys are loaded (a gateway serves before that, answering
-        503 for that issuer's tokens; readiness tells a load balancer to wait)."""
+        """Ready when the config is loaded, every listener is bound and accepting, every
+        token issuer's keys are loaded and every upstream credential is at hand (a
+        gateway serves before that, answering 503 for what is missing; readiness tells a
+        load balancer to wait)."""
         why = []
         if self.draining:
             why.append("draining")
@@ -272,6 +273,16 @@ class Gateway:
             for iss in self.state.config.identity.issuers:
                 if not v.ready(iss.name):
                     why.append(f"issuer {iss.name}: keys not loaded")
+        # Likewise an upstream credential not (or no longer) at hand: its requests get
+        # 503 upstream_credential_unavailable. (Read from the admin thread: plain reads
+        # of floats and references the cache's task replaces whole.)
+        shown = set()
+        for cb in list(self.state.credentials.values()):
+            cache = cb.cache
+            if id(cache) not in shown and cache.current(self.now) is None:
+                shown.add(id(cache))
+                aud = f" for {cache.audience}" if cache.audience else ""
+                why.append(f"backend {cb.backend_name}: upstream credential{aud} not available")
         return not why, why
 
     def statistics(self) -> dict[str, object]:

@@ -14,7 +14,7 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from fastgw.config.model import CredentialConfig, RouteConfig
+from fastgw.config.model import CredentialConfig, IdentityConfig, RouteConfig
 from fastgw.upstream.sigv4 import payload_sha256, sign
 from tests.e2e.helpers import Client, Received, Responder, Upstream, make_config
 from tests.upstream.gateway_support import CheckingUpstream, TokenMint, running
@@ -127,6 +127,8 @@ async def test_no_credential_answers_503_and_sends_nothing(
         with trio.fail_after(0.4):
             r = await c.request(b"GET", b"/")
         assert r.status == 503
+        ready, why = gw.readiness()
+        assert not ready and why == [f"backend fn: upstream credential for {origin} not available"]
         # The source recovers: the cache's retry (backoff from 1 s) installs a token.
         mint.fail = False
         with trio.fail_after(5):
@@ -134,6 +136,7 @@ async def test_no_credential_answers_503_and_sends_nothing(
                 await trio.sleep(0.1)
         await c.aclose()
         assert gw.errors["upstream_credential_unavailable"] >= 2
+        assert gw.readiness() == (True, [])
     assert up.upstream.received and up.seen.missing == 0 and up.seen.ok >= 1
 
 
@@ -351,3 +354,30 @@ async def test_a_reload_adds_the_first_credential(
         assert (await c.request(b"GET", b"/")).status == 200
         await c.aclose()
     assert mint.count(origin) == 1
+
+
+async def test_identity_move_and_a_credential_send_one_forwarded_authorization(
+    nursery: trio.Nursery, rsa_key: rsa.RSAPrivateKey
+) -> None:
+    mint = TokenMint(rsa_key)
+    meta = await mint.start(nursery)
+    up = CheckingUpstream(rsa_key)
+    origin = await up.start(nursery)
+    config = make_config(
+        [origin],
+        backend_kw={"credential": google(meta)},
+        identity=IdentityConfig(authorization="move"),
+    )
+    async with running(config) as (_gw, port):
+        c = await Client.open(port)
+        r = await c.request(
+            b"GET",
+            b"/",
+            [(b"Authorization", b"Bearer me"), (b"X-Forwarded-Authorization", b"Bearer forged")],
+        )
+        assert r.status == 200
+        await c.aclose()
+    last = up.seen.last
+    assert last is not None
+    assert last.header_all(b"x-forwarded-authorization") == [b"Bearer me"]
+    assert len(last.header_all(b"authorization")) == 1 and up.seen.ok == 1
