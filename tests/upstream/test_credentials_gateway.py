@@ -10,6 +10,7 @@ import hashlib
 import os
 from pathlib import Path
 
+import jwt
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
@@ -381,3 +382,59 @@ async def test_identity_move_and_a_credential_send_one_forwarded_authorization(
     assert last is not None
     assert last.header_all(b"x-forwarded-authorization") == [b"Bearer me"]
     assert len(last.header_all(b"authorization")) == 1 and up.seen.ok == 1
+
+
+async def test_a_retry_to_another_endpoint_carries_that_endpoints_credential(
+    nursery: trio.Nursery, rsa_key: rsa.RSAPrivateKey, aws_file: Path
+) -> None:
+    """An idempotent request that got nothing back from the first endpoint is sent to
+    the second with the head rebuilt for it: its own ID token (audience) or signature
+    (Host)."""
+
+    hung_up = []
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        hung_up.append(await stream.receive_some(65536))  # the head; then nothing back
+        await stream.aclose()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    dead = f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}"
+    nursery.start_soon(trio.serve_listeners, hang_up, listeners)
+
+    mint = TokenMint(rsa_key)
+    meta = await mint.start(nursery)
+    good = CheckingUpstream(rsa_key)
+    origin = await good.start(nursery)
+    config = make_config(
+        [dead, origin], backend_kw={"credential": google(meta), "balance": "round_robin"}
+    )
+    async with running(config) as (_gw, port):
+        c = await Client.open(port)
+        assert (await c.request(b"GET", b"/")).status == 200
+        await c.aclose()
+    assert good.seen.ok == 1 and good.seen.bad == 0  # a token for its own audience
+    # The first endpoint was tried, with a token for its own audience.
+    (first_head,) = hung_up
+    line = next(x for x in first_head.split(b"\r\n") if x.lower().startswith(b"authorization:"))
+    claims = jwt.decode(line.split()[-1], options={"verify_signature": False})
+    assert claims["aud"] == dead
+
+    checker = SigV4Checker()
+    b = await nursery.start(checker.upstream.serve)
+    cred = CredentialConfig(
+        type="aws_sigv4",
+        source="shared_file",
+        credentials_file=str(aws_file),
+        profile="gw",
+        region="eu-west-1",
+    )
+    config = make_config(
+        [dead, f"http://127.0.0.1:{b}"],
+        backend_kw={"credential": cred, "balance": "round_robin"},
+    )
+    async with running(config) as (_gw, port):
+        c = await Client.open(port)
+        assert (await c.request(b"GET", b"/x?y=1")).status == 200
+        await c.aclose()
+    assert checker.good == 1 and checker.bad == [] and len(hung_up) == 2
+    assert checker.last is not None and checker.last.header(b"host") == f"127.0.0.1:{b}".encode()
