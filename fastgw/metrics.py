@@ -144,6 +144,36 @@ def _endpoint_families(backends: Iterable[Any], now: float) -> Iterator[Metric]:
     yield queue_timeouts
 
 
+def _credential_families(gw: Gateway) -> Iterator[Metric]:
+    """Upstream credentials per backend (fastgw.upstream.binding): refreshes by result
+    and whether every one of the backend's credentials is at hand. A cache shared by
+    two endpoints of a backend counts once."""
+    refreshes = CounterMetricFamily(
+        "fastgw_upstream_credential_refreshes",
+        "Upstream credential fetches by backend, type and result",
+        labels=["backend", "type", "result"],
+    )
+    available = GaugeMetricFamily(
+        "fastgw_upstream_credential_available",
+        "1 when every upstream credential of a backend is at hand (else its requests get 503)",
+        labels=["backend"],
+    )
+    per_backend: dict[str, tuple[str, dict[int, Any]]] = {}
+    for cb in list(gw.state.credentials.values()):
+        kind, caches = per_backend.setdefault(cb.backend_name, (cb.kind, {}))
+        caches[id(cb.cache)] = cb.cache
+    for name in sorted(per_backend):
+        kind, caches = per_backend[name]
+        ok = sum(c.refreshes_ok for c in caches.values())
+        failed = sum(c.refreshes_failed for c in caches.values())
+        refreshes.add_metric([name, kind, "ok"], ok)
+        refreshes.add_metric([name, kind, "failed"], failed)
+        usable = all(c.current(gw.now) is not None for c in caches.values())
+        available.add_metric([name], 1 if usable else 0)
+    yield refreshes
+    yield available
+
+
 class GatewayCollector(Collector):
     def __init__(self, gw: Gateway) -> None:
         self.gw = gw
@@ -320,6 +350,8 @@ class GatewayCollector(Collector):
         yield GaugeMetricFamily(
             "fastgw_draining", "1 while the gateway drains", value=1 if gw.draining else 0
         )
+        if gw.state.credentials:
+            yield from _credential_families(gw)
 
 
 def make_registry(gw: Gateway) -> CollectorRegistry:

@@ -8,14 +8,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 from pathlib import Path
 
 import jwt
 import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric import rsa
+from prometheus_client import generate_latest
 
 from fastgw.config.model import CredentialConfig, IdentityConfig, RouteConfig
+from fastgw.metrics import make_registry
 from fastgw.upstream.sigv4 import payload_sha256, sign
 from tests.e2e.helpers import Client, Received, Responder, Upstream, make_config
 from tests.upstream.gateway_support import CheckingUpstream, TokenMint, running
@@ -138,6 +141,17 @@ async def test_no_credential_answers_503_and_sends_nothing(
         await c.aclose()
         assert gw.errors["upstream_credential_unavailable"] >= 2
         assert gw.readiness() == (True, [])
+        text = generate_latest(make_registry(gw)).decode()
+        assert 'fastgw_upstream_credential_available{backend="fn"} 1.0' in text
+        counts = {
+            m[1]: int(m[2])
+            for m in re.finditer(
+                r'fastgw_upstream_credential_refreshes_total\{backend="fn",result="(\w+)",'
+                r'type="google_id_token"\} (\d+)',
+                text,
+            )
+        }
+        assert counts["ok"] == 1 and counts["failed"] >= 1
     assert up.upstream.received and up.seen.missing == 0 and up.seen.ok >= 1
 
 
