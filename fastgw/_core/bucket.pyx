@@ -99,8 +99,9 @@ which ``keys()`` lists. The processes must agree on the time: pass CLOCK_MONOTON
 (``time.monotonic()``), not trio's clock, which has a random offset per process. Every
 process must open the file with the same ``max_keys``: another one re-initialises it (see
 shm.pyx). Uncontended, the lock costs little: bench/bench_bucket.py measures a take on a
-shared table within noise of one on a private table (1k and 1M keys); contended, the
-waiters spin, then yield.
+shared table within noise of a private one at 1k keys, and 5-15% slower at 1M keys (the
+file's pages are not huge pages: more TLB misses); contended, the waiters spin, then
+yield.
 
 Time. ``now`` is a float of seconds (``trio.current_time()``), rounded to the nearest ns.
 Between -2**61 and 2**61 ns (73 years) of range is accepted. Floats carry every ns up to
