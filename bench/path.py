@@ -116,6 +116,7 @@ async def run(
     gw = Gateway(config(audit, limit, apikey, tiered))
     gw.now = trio.current_time()
     gw.clock = trio.lowlevel.current_clock()
+    gw.limit_now = gw.clock.current_time  # as serve() binds it for a private table
     pool = gw.state.backends["fn"].pools[0]
     conn = UpstreamConn(pool, _Upstream(0))  # type: ignore[arg-type]
     conn.idle_since = gw.now
