@@ -1393,6 +1393,19 @@ class _Builder:
                 out["hash_on"] = hash_on
         if "queue_timeout_s" in t and not t.get("max_queued"):
             r.bad("queue_timeout_s", "queue_timeout_s has no effect without max_queued")
+        # An HTTP/1.1 request in flight holds a connection: a cap over the pool's size
+        # would never be reached (the pool's own wait answers first).
+        pool_max = t.get("pool_max_size", _default(BackendConfig, "pool_max_size"))
+        raw = t.get("endpoints")
+        if isinstance(raw, list) and isinstance(pool_max, int):
+            for i, e in enumerate(raw):
+                cap = e.get("max_in_flight") if isinstance(e, dict) else None
+                if isinstance(cap, int) and not isinstance(cap, bool) and cap > pool_max:
+                    r.bad_path(
+                        f"endpoints[{i}].max_in_flight",
+                        f"max_in_flight ({cap}) is over pool_max_size ({pool_max}), the "
+                        "connections this endpoint may have; raise pool_max_size",
+                    )
         hc = self._health_check(r, t)
         if hc is not None:
             out["health_check"] = hc

@@ -276,11 +276,13 @@ def test_bad_balancing_config_names_the_key(tmp_path: Path) -> None:
         _BASE
         + """endpoints = [
   {url = "http://127.0.0.1:9000", weight = 0, zone = "a"},
+  {url = "http://127.0.0.1:9001", max_in_flight = 9},
   {region = "eu"},
   7,
 ]
 hash_on = "identity"
 queue_timeout_s = 1
+pool_max_size = 8
 health_check = {interval_s = 1, timeout_s = 2, expected_statuses = [200, 700]}
 outlier = {max_ejection_percent = 150, base_ejection_time_s = 400}
 """
@@ -291,9 +293,14 @@ outlier = {max_ejection_percent = 150, base_ejection_time_s = 400}
     assert got == {
         ("backends.fn.endpoints[0].zone", 'unknown key "zone"'),
         ("backends.fn.endpoints[0].weight", "must be 1 or more, got 0"),
-        ("backends.fn.endpoints[1].url", "missing (required)"),
         (
-            "backends.fn.endpoints[2]",
+            "backends.fn.endpoints[1].max_in_flight",
+            "max_in_flight (9) is over pool_max_size (8), the connections this endpoint may "
+            "have; raise pool_max_size",
+        ),
+        ("backends.fn.endpoints[2].url", "missing (required)"),
+        (
+            "backends.fn.endpoints[3]",
             "expected string (a URL) or table {url = ...}, got integer 7",
         ),
         ("backends.fn.hash_on", 'hash_on has no effect unless balance = "hash"'),
