@@ -159,7 +159,13 @@ class Route:
 
         rq = config.request_headers
         ident = gw_config.identity
-        auth_strip = () if ident.authorization == "pass" else (b"authorization",)
+        # "move" sends the caller's Authorization as X-Forwarded-Authorization: a copy
+        # the client sent itself would reach the function beside it, so it goes too.
+        auth_strip: tuple[bytes, ...] = ()
+        if ident.authorization == "move":
+            auth_strip = (b"authorization", b"x-forwarded-authorization")
+        elif ident.authorization == "remove":
+            auth_strip = (b"authorization",)
         # The identity namespace is stripped on every route, guarded or not: a client
         # must never be able to pose as an identity the gateway vouches for.
         strip_names = (

@@ -202,6 +202,21 @@ async def test_authorization_moved(
     seen = up.received[-1]
     assert seen.header(b"authorization") is None
     assert seen.header(b"x-forwarded-authorization") == b"Basic abc"
+    # A copy the client sent itself never reaches the function beside the moved one.
+    r = await call(
+        port,
+        b"/public/x",
+        [(b"X-Forwarded-Authorization", b"Bearer forged"), (b"Authorization", b"Basic abc")],
+    )
+    assert r.status == 200
+    seen = up.received[-1]
+    assert [v for k, v in seen.headers if k.lower() == b"x-forwarded-authorization"] == [
+        b"Basic abc"
+    ]
+    # Without an Authorization of its own the client's copy is dropped, not passed.
+    r = await call(port, b"/public/x", [(b"X-Forwarded-Authorization", b"Bearer forged")])
+    assert r.status == 200
+    assert up.received[-1].header(b"x-forwarded-authorization") is None
 
 
 async def test_readiness_and_metrics_follow_the_issuer(

@@ -74,7 +74,9 @@ async def test_two_workers_share_load_and_survive_a_kill(
         assert total == 440
 
         # Kill one worker: its clients lose their connections; the other worker's
-        # clients see no failure, and a replacement serves within a second.
+        # clients see no failure, and a replacement serves soon (no back-off for a
+        # first death: the time is the new interpreter's start, 0.4 s on an idle
+        # machine and over 1 s on a loaded 2-core one, so the bound is generous).
         by_client = {}
         for c in clients:
             r = await c.request(b"GET", b"/")
@@ -108,7 +110,7 @@ async def test_two_workers_share_load_and_survive_a_kill(
             await c.aclose()
             await trio.sleep(0.01)
         replaced_in = trio.current_time() - t0
-        assert replaced_in < 1.0, replaced_in
+        assert replaced_in < 5.0, replaced_in
         assert len(children(p.proc.pid) - before) == 1
         p.proc.send_signal(signal.SIGTERM)
         assert await p.proc.wait() == 0
