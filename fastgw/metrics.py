@@ -158,10 +158,19 @@ def _credential_families(gw: Gateway) -> Iterator[Metric]:
         "1 when every upstream credential of a backend is at hand (else its requests get 503)",
         labels=["backend"],
     )
+    rejected = CounterMetricFamily(
+        "fastgw_upstream_credential_rejected",
+        "Answers refusing the gateway's upstream credential (401, or 403 with "
+        'error="invalid_token"), requests and health checks, by backend',
+        labels=["backend"],
+    )
     per_backend: dict[str, tuple[str, dict[int, Any]]] = {}
-    for cb in list(gw.state.credentials.values()):
+    refused: dict[str, int] = {}
+    for pool, cb in list(gw.state.credentials.items()):
         kind, caches = per_backend.setdefault(cb.backend_name, (cb.kind, {}))
         caches[id(cb.cache)] = cb.cache
+        n: int = pool.credential_rejected  # type: ignore[attr-defined]  # keys are Pools
+        refused[cb.backend_name] = refused.get(cb.backend_name, 0) + n
     for name in sorted(per_backend):
         kind, caches = per_backend[name]
         ok = sum(c.refreshes_ok for c in caches.values())
@@ -170,8 +179,10 @@ def _credential_families(gw: Gateway) -> Iterator[Metric]:
         refreshes.add_metric([name, kind, "failed"], failed)
         usable = all(c.current(gw.now) is not None for c in caches.values())
         available.add_metric([name], 1 if usable else 0)
+        rejected.add_metric([name], refused[name])
     yield refreshes
     yield available
+    yield rejected
 
 
 class GatewayCollector(Collector):

@@ -18,6 +18,14 @@ Nothing is fetched here and nothing awaits: no valid credential means ``None``, 
 the caller waits for the first fetch (cold start only) or answers 503
 ``upstream_credential_unavailable``. An expired credential is never sent.
 
+Refusals: an endpoint with a credential reports 401 and 403 answers to
+``Pool.outcome`` (``Pool.report_from`` is 401 there, 429 elsewhere: the request path's
+one compare stays one compare). A 401, or a 403 with ``error="invalid_token"``, asks
+the cache for an early refresh (at most one per ``forced_refresh_interval_s``, 30 s)
+and counts in ``fastgw_upstream_credential_rejected_total``. The refused request is
+not retried: the new token arrives after a fetch, and the next request carries it.
+Health checks and keep-warm send the credential too (``health.probe_request``).
+
 Strip sets: a caller must not set a field the gateway sets (our Authorization,
 X-Forwarded-Authorization, X-Serverless-Authorization, x-functions-key, X-Amz-*). The
 route's strip set is extended with the binding's names, once per (binding, route),
@@ -290,7 +298,7 @@ def build_bindings(
             header, signer = _renderer(cfg, ep)
             # Cold start: wait for the first fetch up to the connect timeout (what a
             # request would have waited for a connection anyway).
-            out[pool] = CredentialBinding(
+            cb = out[pool] = CredentialBinding(
                 cache,
                 backend_name=name,
                 kind=cfg.type,
@@ -299,4 +307,9 @@ def build_bindings(
                 forward=forward,
                 wait_s=bcfg.connect_timeout_s,
             )
+            # For probes (health checks, keep-warm) and refusals: the pool's own
+            # pointer. A pool kept over a reload has the same credential config (a
+            # backend is kept only when its config is unchanged), hence the same cache.
+            pool.credential = cb
+            pool.report_from = 401
     return out, keys

@@ -219,9 +219,13 @@ class RefreshPolicy:
       well under a second; 10 s is far above both and far below any refresh margin;
     - ``min_refresh_interval_s`` 1: floor between successful fetches, so a source
       handing out nearly expired credentials cannot make the cache spin;
-    - ``forced_refresh_interval_s`` 10: ``request_refresh`` (say, the function answered
-      401) fetches early at most this often, so a misbehaving function cannot turn
-      every request into a token fetch.
+    - ``forced_refresh_interval_s`` 30: ``request_refresh`` (the function answered 401
+      to our credential, see ``Pool.credential_refused``) fetches early at most this
+      often, so a function that always answers 401 costs at most two extra fetches a
+      minute per credential, not one per request. The first refusal is acted on at
+      once, so a token the function stopped accepting (a rotated key) is replaced
+      within one fetch; 30 s is the gap before a second try, long enough for a token
+      source's own caches (a metadata server's, a file being rotated) to settle.
     """
 
     refresh_at_fraction: float = 0.75
@@ -231,7 +235,7 @@ class RefreshPolicy:
     backoff_max_s: float = 60.0
     fetch_timeout_s: float = 10.0
     min_refresh_interval_s: float = 1.0
-    forced_refresh_interval_s: float = 10.0
+    forced_refresh_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.refresh_at_fraction < 1.0:

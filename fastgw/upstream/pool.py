@@ -36,6 +36,7 @@ from fastgw.transport import PlainTransport, TLSTransport
 
 if TYPE_CHECKING:
     from fastgw.upstream.backend import Backend
+    from fastgw.upstream.binding import CredentialBinding
     from fastgw.upstream.retry import EndpointTrack
 
 # A pooled connection idle for less than this is reused without first peeking for a FIN:
@@ -119,7 +120,10 @@ class Pool:
         "c5xx",
         "cap",
         "cgw",
+        "check_state",
         "closed",
+        "credential",
+        "credential_rejected",
         "down",
         "ejected_until",
         "ejections",
@@ -133,6 +137,7 @@ class Pool:
         "path_prefix",
         "paused_until",
         "pauses",
+        "report_from",
         "swrr",
         "tls_context",
         "track",  # retries/hedging (fastgw/upstream/retry.py), see below
@@ -184,6 +189,16 @@ class Pool:
         # Recent first-byte latencies, kept by fastgw/upstream/retry.py for routes that
         # hedge (None until one does).
         self.track: EndpointTrack | None = None
+        # Upstream credential (fastgw/upstream/binding.py sets these when the backend
+        # has one): the binding health checks and keep-warm sign with, and how often
+        # the function refused it (401, or 403 with error="invalid_token").
+        self.credential: CredentialBinding | None = None
+        self.credential_rejected = 0
+        # The downstream reports a response's status to ``outcome`` from this status up:
+        # 429 (Retry-After, 5xx); 401 with a credential, to see it refused. One compare.
+        self.report_from = 429
+        # The last active health check's result for /backends (None: no checks).
+        self.check_state: str | None = None
 
     def ejected(self) -> bool:
         if not self.ejected_until:
@@ -269,11 +284,38 @@ class Pool:
 
     def outcome(self, status: int, head: object = None) -> None:
         """A response head came back with ``status`` (``head``: the parsed head, for
-        Retry-After). The common case is one compare and, after errors, a reset."""
+        Retry-After). The common case is one compare and, after errors, a reset. A 401
+        (or a 403 saying ``error="invalid_token"``) on an endpoint with an upstream
+        credential means the function refused it (see ``credential_refused``)."""
         if status >= 429:
             self._bad_status(status, head)
-        elif self.c5xx:
+            return
+        if (status == 401 or status == 403) and self.credential is not None:
+            self.credential_refused(status, head)
+        if self.c5xx:
             self.c5xx = self.cgw = 0
+
+    def credential_refused(self, status: int, head: object) -> bool:
+        """The function answered ``status`` to a request carrying our credential: a 401,
+        or a 403 whose WWW-Authenticate says ``error="invalid_token"`` (RFC 6750 3.1; a
+        plain 403 is a permission the token's identity lacks, and a new token would not
+        help). Counts it and asks the credential's cache for an early refresh (the cache
+        honours one per ``RefreshPolicy.forced_refresh_interval_s``, so a function that
+        always answers 401 cannot make us hammer the token source). Returns whether it
+        counted as a refusal."""
+        binding = self.credential
+        if binding is None:
+            return False
+        if status == 403:
+            get = getattr(head, "get", None)
+            value = get(b"www-authenticate") if get is not None else None
+            if not value or b"invalid_token" not in value:
+                return False
+        elif status != 401:
+            return False
+        self.credential_rejected += 1
+        binding.cache.request_refresh(trio.current_time())
+        return True
 
     def failed(self) -> None:
         """A gateway failure on an exchange: reset, timeout, malformed response (a

@@ -309,22 +309,14 @@ async def _keep_warm(gw: Gateway, pool: Pool, path: bytes) -> None:
 
 
 async def _warm_exchange(gw: Gateway, pool: Pool, path: bytes) -> bool:
-    from fastgw._core.http import BODY_LENGTH, BODY_NONE, parse_request_head, parse_response_head
+    from fastgw._core.http import BODY_LENGTH, BODY_NONE, parse_response_head
+    from fastgw.upstream.health import probe_request
     from fastgw.upstream.pool import UpstreamConnectError
 
-    prefix = pool.path_prefix
-    target = prefix + path if prefix else path
-    raw = b"GET " + target + b" HTTP/1.1\r\nHost: " + pool.host_header
-    raw += b"\r\nUser-Agent: fastgw-keep-warm\r\n"
-    creds = gw.state.credentials
-    binding = creds.get(pool) if creds else None
-    if binding is not None:
-        head = parse_request_head(raw + b"\r\n")
-        lines = binding.lines(head, target, pool.host_header, gw.now, payload_hash=None)
-        if lines is None:
-            return False  # no valid credential: nothing useful to send
-        raw += lines
-    raw += b"\r\n"
+    # The same request a health check sends (with the endpoint's credential), kept alive.
+    raw = probe_request(pool, path, b"fastgw-keep-warm", gw.now, close=False)
+    if raw is None:
+        return False  # no valid credential: nothing useful to send
     conn = pool.acquire_idle_nowait(trio.current_time())
     if conn is None:
         try:
