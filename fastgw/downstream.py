@@ -142,15 +142,33 @@ def _rebuild(d, retry, pool, first: bytes) -> bytes | None:  # type: ignore[no-u
 
 
 def _other_endpoint(backend, used: list[Pool]) -> Pool | None:  # type: ignore[no-untyped-def]
-    """For a hedge: the least busy endpoint not tried yet, not paused and under its
-    in-flight cap (a hedge takes no admission slot, so a full endpoint gets none);
-    an available one unless none is; None when there is none."""
+    """For a hedge: the least busy endpoint not tried yet, not paused and with room
+    for a hedge's slot (``Backend.hedge_room``: under its cap and the backend's, and
+    nobody queued); an available one unless none is; None when there is none."""
     now = trio.current_time()
-    rest = [p for p in backend.pools if p not in used and not p.paused(now) and p.admitted < p.cap]
+    room = backend.hedge_room
+    rest = [p for p in backend.pools if p not in used and room(p) and not p.paused(now)]
     if not rest:
         return None
     live = [p for p in rest if p.available(now)] or rest
     return min(live, key=lambda p: p.outstanding)
+
+
+def _no_retry_slot(backend, pool: Pool, rh) -> bool:  # type: ignore[no-untyped-def]
+    """Gated backends: whether a retry from ``pool`` would find no slot: no other
+    endpoint has room, and ``pool`` is paused or about to be (``rh``: a 429/503 with
+    Retry-After). The client then gets the original answer at once rather than a wait
+    in the queue (see fastgw/upstream/backend.py)."""
+    if backend.pick_other(pool) is not pool:
+        return False
+    if pool.paused(trio.current_time()):
+        return True
+    return (
+        rh is not None
+        and (rh.status == 429 or rh.status == 503)
+        and rh.get(b"retry-after") is not None
+        and backend.config.retry_after_max_s > 0
+    )
 
 
 def _header_lines(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
@@ -631,6 +649,7 @@ class Downstream:
                     if alt is not pool:
                         again = _rebuild(self, retry, alt, first)
                         if again is not None:
+                            self._move_slot(pool, alt)
                             first, pool = again, alt
                     got = await self._connect_and_send(backend, pool, first, rid, keep, retry)
                     if got is None:
@@ -964,6 +983,14 @@ class Downstream:
             self.slot = None
             slot[0].release(slot[1], slot[2])
 
+    def _move_slot(self, old: Pool, new: Pool) -> None:
+        """A retry goes to ``new``: the request's admission slot (gated backends) goes
+        with it (``Backend.move``). Nothing for ungated backends (no slot)."""
+        slot = self.slot
+        if slot is not None and slot[1] is old and new is not old:
+            slot[0].move(old, new)
+            self.slot = (slot[0], new, slot[2])
+
     def caller_key(self) -> bytes:
         """Who is calling, for hashing and per-caller caps: the verified identity, or
         the client address for anonymous callers."""
@@ -1004,6 +1031,7 @@ class Downstream:
                     again = _rebuild(self, retry, alt, first) if alt is not pool else None
                     if again is not None:
                         gw.count_error("connect_failed_retried")
+                        self._move_slot(pool, alt)
                         first, pool = again, alt
                         continue
                 if e.saturated:
@@ -1101,8 +1129,9 @@ class Downstream:
                 if rp is None or status not in rp.statuses:
                     self.upconn = conn
                     return conn, pool, rh, ubuf, upos, retries, fb_s
-                if retries >= max_retries or not rp.budget.try_spend(gw.now):
-                    if retries < max_retries:
+                stuck = backend.gated and _no_retry_slot(backend, pool, rh)
+                if retries >= max_retries or stuck or not rp.budget.try_spend(gw.now):
+                    if retries < max_retries and not stuck:
                         counts[3] += 1
                     self.upconn = conn  # the function's own answer is relayed
                     return conn, pool, rh, ubuf, upos, retries, fb_s
@@ -1118,6 +1147,7 @@ class Downstream:
                     unsent_retried = True
                     counts[0] += 1
                     gw.count_error("connect_failed_retried")
+                    self._move_slot(pool, alt)
                     first = alt_first
                     pool = alt
                     continue
@@ -1141,6 +1171,8 @@ class Downstream:
                 else:  # "reset": nothing or only part of a head came back
                     wanted = rp is None or rp.on_reset
                     status, code, detail = 502, outcome[2], outcome[3]
+                if wanted and backend.gated and _no_retry_slot(backend, pool, None):
+                    wanted = False  # nowhere to go: the original error, at once
                 if wanted and retries < max_retries and rp is not None:
                     if not rp.budget.try_spend(gw.now):
                         counts[3] += 1
@@ -1160,6 +1192,7 @@ class Downstream:
             alt = backend.pick_other(pool)
             alt_first = request_for(alt) if alt is not pool else None
             if alt_first is not None:
+                self._move_slot(pool, alt)
                 first = alt_first
                 pool = alt
 
@@ -1238,33 +1271,55 @@ class Downstream:
                     done.set()
 
         used = [pool]
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_at(end) as timer:
-                pending = 1
-                nursery.start_soon(attempt, pool, first)
-                while not done.is_set():
-                    if hp is None or len(used) >= hp.max_attempts:
-                        await done.wait()
-                        break
-                    with trio.move_on_after(hp.delay_s(pool, cold)):
-                        await done.wait()
-                    if done.is_set():
-                        break
-                    alt = _other_endpoint(backend, used)
-                    alt_first = None if alt is None else request_for(alt)
-                    if alt is None or alt_first is None:
-                        hp = None
-                    elif not hp.budget.try_spend(gw.now):
-                        counts[4] += 1
-                        hp = None
-                    else:
-                        counts[1] += 1
-                        pending += 1
-                        used.append(alt)
-                        pool = alt
-                        cold = False
-                        nursery.start_soon(attempt, alt, alt_first)
-            nursery.cancel_scope.cancel()
+        hedged: list[Pool] = []  # endpoints whose hedge holds a slot (gated backends)
+        try:
+            async with trio.open_nursery() as nursery:
+                with trio.move_on_at(end) as timer:
+                    pending = 1
+                    nursery.start_soon(attempt, pool, first)
+                    while not done.is_set():
+                        if hp is None or len(used) >= hp.max_attempts:
+                            await done.wait()
+                            break
+                        with trio.move_on_after(hp.delay_s(pool, cold)):
+                            await done.wait()
+                        if done.is_set():
+                            break
+                        alt = _other_endpoint(backend, used)
+                        alt_first = None if alt is None else request_for(alt)
+                        if alt is None or alt_first is None:
+                            hp = None
+                        elif not hp.budget.try_spend(gw.now):
+                            counts[4] += 1
+                            hp = None
+                        else:
+                            counts[1] += 1
+                            pending += 1
+                            used.append(alt)
+                            pool = alt
+                            cold = False
+                            if backend.gated:
+                                backend.take_hedge(alt)  # a slot for the race's duration
+                                hedged.append(alt)
+                            nursery.start_soon(attempt, alt, alt_first)
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            for p in hedged:
+                backend.release(p, None)
+            if won:  # cancelled just after a win: that connection is in doubt
+                won[0][1].release(won[0][0], False)
+            raise
+        if hedged:
+            # The losers' slots go back; a hedge that won keeps its slot as the
+            # request's own, and the first attempt's goes back instead.
+            winner = won[0][1] if won else None
+            for p in hedged:
+                if p is winner:
+                    backend.release(used[0], None)
+                    slot = self.slot
+                    self.slot = (backend, p, slot[2] if slot is not None else None)
+                else:
+                    backend.release(p, None)
         if won:
             conn, p, rh, ubuf, upos, fb_s = won[0]
             if p is not used[0]:

@@ -555,6 +555,10 @@ class Gateway:
                 if d.deadline <= late and d.scope is not None:
                     d.scope.cancel()
             for b in self.state.backends.values():
+                if b.queue:
+                    # A pause or an ejection that ended frees capacity without any
+                    # release: hand it to the waiters (upstream/backend.py).
+                    b.state_changed()
                 if b.config.keep_warm_interval_s is not None:
                     maybe_keep_warm(self, b, now)  # upstream/retry.py
             ticks += 1
@@ -650,9 +654,16 @@ class Gateway:
                         await d.send_error(
                             500, "internal_error", "internal error", d.rid, close=True
                         )
+            # The admission slot goes back before the answer and the lingering close
+            # (up to seconds with a slow client): the next request may have it now.
+            if d.slot is not None:
+                d.release_slot()
             if scope.cancelled_caught:
                 with trio.move_on_after(1.0):
                     await d.answer_timeout()
+            if d.upconn is not None:
+                d.upconn.pool.release(d.upconn, False)
+                d.upconn = None
             if d.linger:
                 await _lingering_close(t)
         finally:

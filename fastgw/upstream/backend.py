@@ -29,6 +29,19 @@ caps are full it waits in a FIFO queue of at most ``max_queued`` for at most
 ``queue_timeout_s``. A released slot is handed to the head of the queue directly (the
 waiter wakes with its slot already taken), so a wakeup is never lost and never
 doubled; a waiter that leaves (timeout, client gone) gives back a slot it was handed.
+A pause or an ejection that ends frees capacity without any release: the gateway's
+watchdog calls ``state_changed`` on backends with waiters every tick (0.1 s), so a
+queued request is served within a tick of the endpoint's return (nothing per request).
+
+Every attempt holds a slot on the endpoint it is sent to. A retry moves the request's
+slot (``pick_other`` then ``move``) to an endpoint with room, or stays on its own;
+it never queues: a retry is load caused by a failure, and waiting behind fresh
+requests for up to ``queue_timeout_s`` would serve the client worse than the original
+error at once, which is what it gets when no endpoint has room (its own paused). A
+hedge takes a second slot (``hedge_room``/``take_hedge``) for the race and is not
+sent when no endpoint has room, the backend is at its cap, or requests are queued;
+the losing attempt's slot is given back when it is cancelled. Per-caller counts count
+a hedged or retried request once: it is one request of that caller.
 
 A backend outlives config reloads when its configuration is unchanged, so its pools
 (warm connections, health and ejection state, the health checker) are kept.
@@ -167,12 +180,16 @@ class Backend:
 
     def pick_other(self, avoid: Pool) -> Pool:
         """An endpoint other than ``avoid`` for a retry (the least busy of the others
-        that may take traffic), or ``avoid`` itself when there is none."""
+        that may take traffic and have a free slot: never one at its in-flight cap), or
+        ``avoid`` itself when there is none. A gated caller then moves its slot there
+        (``move``); ungated backends have no caps, so every endpoint has room."""
         now = trio.current_time()
-        others = [p for p in self.pools if p is not avoid and not p.paused(now)]
+        others = [
+            p for p in self.pools if p is not avoid and p.admitted < p.cap and not p.paused(now)
+        ]
         if not others:
             return avoid
-        live = [p for p in others if p.available(now) and p.admitted < p.cap] or others
+        live = [p for p in others if p.available(now)] or others
         best = min(p.endpoint.priority for p in live)
         return min((p for p in live if p.endpoint.priority == best), key=lambda p: p.outstanding)
 
@@ -385,6 +402,28 @@ class Backend:
         if self.queue:
             self._wake()
 
+    def move(self, old: Pool, new: Pool) -> None:
+        """A retry's slot moves from ``old`` to ``new`` (picked by ``pick_other``, so it
+        has room): the backend's and the caller's counts stay; ``old``'s slot goes to
+        the head of the queue."""
+        new.admitted += 1
+        old.admitted -= 1
+        if self.queue:
+            self._wake()
+
+    def hedge_room(self, pool: Pool) -> bool:
+        """Whether a hedge may take a slot on ``pool`` now: under its cap and the
+        backend's, and nobody queued (a hedge is optional extra load: queued requests
+        come first)."""
+        return pool.admitted < pool.cap and self.admitted < self.cap and not self.queue
+
+    def take_hedge(self, pool: Pool) -> None:
+        """A hedge's slot on ``pool`` (after ``hedge_room`` said yes, no checkpoint in
+        between). Not counted per caller: a hedged request is one request of its
+        caller. Give it back with ``release(pool, None)``."""
+        pool.admitted += 1
+        self.admitted += 1
+
     def _all_paused(self) -> bool:
         """Whether every endpoint is paused (then waiting in the queue cannot help)."""
         now = trio.current_time()
@@ -443,6 +482,7 @@ class Backend:
                     "priority": ep.priority,
                     "weight": ep.weight,
                     "healthy": p.healthy,
+                    "check": p.check_state,  # the last health check (health.py), or None
                     "ejected_until": ejected or None,
                     "ejected_for_s": round(ejected - now, 3) if ejected else 0.0,
                     "ejections": p.ejections,
