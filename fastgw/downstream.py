@@ -771,7 +771,9 @@ class Downstream:
         route.status_counts[status // 100] += 1
         # The outcome, for balancing (pool.py): a 429/503 with Retry-After pauses the
         # endpoint, 5xx count toward ejection; else one compare (and a reset after errors).
-        if status >= 429:
+        # report_from is 429, or 401 for an endpoint with an upstream credential (a 401
+        # refusing it asks for a new one, binding.py).
+        if status >= pool.report_from:
             pool.outcome(status, rh)
         elif pool.c5xx:
             pool.c5xx = pool.cgw = 0
