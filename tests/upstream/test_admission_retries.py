@@ -361,7 +361,7 @@ async def test_a_queued_request_is_served_when_the_pause_ends(
         assert len(b.queue) == 1 and b.pools[0].paused(trio.current_time())
     assert got[b"/first"].status == 503
     assert got[b"/queued"].status == 200
-    assert 3.5 <= served_at[0] - 0.0 < 3.5 + 0.25
+    assert 3.5 <= served_at[0] < 3.5 + 0.25  # within a watchdog tick or two
     assert paths(e) == [b"/first", b"/queued"]
     assert_idle(b)
 
