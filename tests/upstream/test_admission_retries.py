@@ -143,7 +143,9 @@ async def test_a_retry_moves_its_slot_to_the_endpoint_it_goes_to(
 
     for f in e:
         f.act = record
-    _gw, port, b = await start(nursery, [f.url for f in e], [1, 1], route=RETRY_503)
+    _gw, port, b = await start(
+        nursery, [f.url for f in e], [1, 1], route=RETRY_503, max_in_flight_per_identity=5
+    )
     got: dict[bytes, Response] = {}
     async with trio.open_nursery() as n:
         n.start_soon(get, port, b"/flaky", got)
@@ -151,7 +153,7 @@ async def test_a_retry_moves_its_slot_to_the_endpoint_it_goes_to(
         first = b.pools[e.index(seen_first[0])]
         second = b.pools[1 - e.index(seen_first[0])]
         assert (first.admitted, second.admitted, b.admitted) == (0, 1, 1)
-        assert b.per_identity == {}  # no per-caller cap configured: nothing kept
+        assert b.per_identity == {ANON: 1}  # one request of that caller
         r = await get(port, b"/fresh")  # the first endpoint's slot is free: no wait
         assert r.status == 200 and trio.current_time() < 1.0
     assert got[b"/flaky"].status == 200
