@@ -438,6 +438,24 @@ class Downstream:
                     decision="limit",
                 )  # fmt: skip
                 return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+        budget_fields = b""
+        if route.budgets is not None:
+            bud = route.budgets
+            now_s = gw.wall_clock()
+            store = gw.redis_budgets() if bud.shared else None
+            if store is not None:
+                ans = await bud.spend_shared(store, now_s, self.identity, self.peer_ip, head)
+            else:
+                ans = bud.spend(gw.budget_table, now_s, self.identity, self.peer_ip, head)
+            if type(ans) is not bytes:
+                gw.count_error(ans.code)
+                self.decision_reason = ans.reason
+                await self.send_error(
+                    ans.status, ans.code, ans.detail, rid, close=kind != BODY_NONE,
+                    extra=ans.extra, decision="limit",
+                )  # fmt: skip
+                return buf, pos, kind == BODY_NONE and head.keep_alive and not gw.draining
+            budget_fields = ans
         max_body = route.max_body_bytes
         if kind:
             if kind == BODY_LENGTH and max_body and head.content_length > max_body:
@@ -681,13 +699,18 @@ class Downstream:
         ukind = rh.body_kind
         if ukind == BODY_UNTIL_CLOSE or rh.status == 101:
             keep = False
+        resp_extra = (
+            b"X-Request-Id: " + rid + b"\r\n" + route.resp_extra
+            if route.resp_extra
+            else b"X-Request-Id: " + rid + b"\r\n"
+        )
+        if budget_fields:
+            resp_extra += budget_fields
         out_head = build_response_head(
             rh,
             close=not keep,
             keep_alive_10=keep and head.version == 10,
-            extra=b"X-Request-Id: " + rid + b"\r\n" + route.resp_extra
-            if route.resp_extra
-            else b"X-Request-Id: " + rid + b"\r\n",
+            extra=resp_extra,
             via=state.via,
             strip=route.resp_strip,
         )

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from fastgw._core.bucket import BucketTable
+from fastgw._core.budget import BudgetTable
 from fastgw.audit import AuditLog
 from fastgw.config.model import GatewayConfig, ListenerConfig
 from fastgw.downstream import Downstream
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from fastgw.admin import AdminServer
     from fastgw.config.model import LimitsStoreConfig
     from fastgw.identity import Verifier
+    from fastgw.policy.redis_budgets import RedisBudgets
     from fastgw.policy.redis_limits import RedisBuckets
     from fastgw.upstream.credentials import CredentialRegistry
 
@@ -63,6 +65,7 @@ class GatewayState:
 
     __slots__ = (
         "backends",
+        "budget_counts",
         "config",
         "credential_keys",
         "credentials",
@@ -79,6 +82,7 @@ class GatewayState:
 
     router: Router
     limit_counts: dict[str, list[int]]
+    budget_counts: dict[str, list[int]]
 
     def __init__(
         self,
@@ -131,6 +135,9 @@ class GatewayState:
         # Rate-limit counters by limit name, shared across routes, kept over reloads.
         limit_counts: dict[str, list[int]] = previous.limit_counts if previous else {}
         self.limit_counts = limit_counts
+        # Budget counters (allowed, refused, shadow_refused) by name, the same way.
+        budget_counts: dict[str, list[int]] = previous.budget_counts if previous else {}
+        self.budget_counts = budget_counts
         self.router = Router(
             [
                 Route(
@@ -140,11 +147,24 @@ class GatewayState:
                     previous=old_routes.get(r.name),
                     auth=route_auth(config.policies, r.name, self.environment),
                     limit_counts=limit_counts,
+                    budget_counts=budget_counts,
                 )
                 for r in config.routes
             ],
             self.backends,
         )
+
+
+def _budget_table(config: GatewayConfig) -> BudgetTable:
+    """The budget table: in ``state_dir/budgets.bin`` when set (a file that does not fit
+    is replaced, and the log says why), else in memory."""
+    if config.state_dir is None:
+        return BudgetTable(config.max_budget_keys)
+    path = os.path.join(config.state_dir, "budgets.bin")
+    table = BudgetTable(config.max_budget_keys, path)
+    if table.reset_reason is not None:
+        log.warning("budgets: %s was reset, counters start over: %s", path, table.reset_reason)
+    return table
 
 
 def _listener_tls_context(lc: ListenerConfig) -> ssl.SSLContext:
@@ -215,6 +235,12 @@ class Gateway:
         # connection may be borrowed for other scripts (``redis_limits.client``). A
         # reload with the same store keeps it; another store replaces it.
         self.redis_limits: RedisBuckets | None = None
+        self._redis_budgets: RedisBudgets | None = None
+        # Budget counters: the gateway's, kept over reloads; a file in state_dir (which a
+        # reload cannot move: the table opened at start stays) or memory.
+        self.budget_table = _budget_table(config) if config.budgets else None
+        # The wall clock budget windows are computed from (tests put theirs here).
+        self.wall_clock: Callable[[], float] = time.time
         self._redis_store: LimitsStoreConfig | None = None
         self._redis_scope: trio.CancelScope | None = None
         # The clock rate limits read (trio's, so the mock clock drives the tests); bound
@@ -229,6 +255,26 @@ class Gateway:
         # advances it each tick.
         self.now = 0.0
         self.last_tick_monotonic = time.monotonic()  # read by the admin thread (/healthz)
+
+    def redis_budgets(self) -> RedisBudgets | None:
+        """The budgets' Redis store, over the rate limits' connection ([limits_store]);
+        None while that client is not there (not serving yet): the local table then."""
+        rl = self.redis_limits
+        if rl is None:
+            return None
+        rb = self._redis_budgets
+        if rb is None or rb.client is not rl.client:
+            from fastgw.policy.redis_budgets import RedisBudgets
+
+            store = self.state.config.limits_store
+            rb = self._redis_budgets = RedisBudgets(
+                rl.client,
+                prefix=store.prefix.encode(),
+                timeout_s=store.timeout_s,
+                on_failure=store.on_failure,
+                local=self.budget_table,
+            )
+        return rb
 
     def _new_buckets(self, config: GatewayConfig) -> BucketTable:
         if self.shared_buckets is not None:
@@ -375,6 +421,8 @@ class Gateway:
             raise
         if self.buckets is None and config.rate_limits:
             self.buckets = self._new_buckets(config)
+        if self.budget_table is None and config.budgets:
+            self.budget_table = _budget_table(config)
         old_state, old_listeners = self.state, self._listeners
         self.state = state
         if self.credentials is not None:

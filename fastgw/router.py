@@ -25,6 +25,7 @@ from fastgw._core.http import RequestHead, StripSet
 from fastgw._core.metrics import Histogram
 from fastgw.config.model import GatewayConfig, RouteConfig
 from fastgw.policy import RouteAuth
+from fastgw.policy.budgets import route_budgets
 from fastgw.policy.limits import route_limits
 from fastgw.upstream.backend import Backend
 from fastgw.upstream.retry import RoutePolicy
@@ -50,6 +51,7 @@ class Route:
         "any_host",
         "auth",
         "backend",
+        "budgets",
         "config",
         "duration",
         "first_byte_timeout_s",
@@ -91,6 +93,7 @@ class Route:
         previous: Route | None = None,
         auth: RouteAuth | None = None,
         limit_counts: dict[str, list[int]] | None = None,
+        budget_counts: dict[str, list[int]] | None = None,
     ) -> None:
         self.config = config
         self.auth = auth
@@ -101,6 +104,14 @@ class Route:
         self.limits_tiered = any(lim.tiered for lim in self.limits)
         self.limits_shared = bool(self.limits) and gw_config.limits_store.type == "redis"
         self.limit_stops = tuple(not lim.shadow for lim in self.limits)
+        # Budgets (policy/budgets.py): None on a route without any.
+        self.budgets = (
+            route_budgets(
+                gw_config.budgets, config.name, budget_counts if budget_counts is not None else {}
+            )
+            if gw_config.budgets
+            else None
+        )
         self.name = config.name
         self.backend = backend
         # Retries, hedging, cold-start timeouts (upstream/retry.py): None on a route that

@@ -340,7 +340,12 @@ cdef class BudgetTable:
                     raise OSError(f"{path}: cannot map {self.nbytes} bytes")
                 return 0
             finally:
-                os.close(fd)  # the mapping stays valid; closing also drops the flock
+                # Unlock explicitly: the mapping keeps the open file alive, and with it
+                # a flock that only a close of the last reference would drop.
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                finally:
+                    os.close(fd)
 
     cdef int _fresh_file(self, int fd) except -1:
         """Size ``fd`` for this geometry (zeros: every slot unused) and write a header."""

@@ -49,6 +49,7 @@ from fastgw.config.model import (
     AdminConfig,
     AuditConfig,
     BackendConfig,
+    BudgetConfig,
     ClaimCondition,
     CredentialConfig,
     Endpoint,
@@ -78,14 +79,18 @@ Problem = tuple[str, str, str]
 
 _ROOT_KEYS = (
     "include", "gateway", "limits", "admin", "audit", "identity", "listeners", "backends",
-    "routes", "issuers", "api_keys", "policies", "rate_limits", "limits_store",
+    "routes", "issuers", "api_keys", "policies", "rate_limits", "limits_store", "budgets",
 )  # fmt: skip
 _ADMIN_KEYS = ("address",)
 _AUDIT_KEYS = ("enabled", "path", "sample_success")
 # Included files: routing files and security files (issuers, API keys, policies).
 _INCLUDED_KEYS = (
     "include", "listeners", "backends", "routes", "issuers", "api_keys", "policies",
-    "rate_limits",
+    "rate_limits", "budgets",
+)  # fmt: skip
+_BUDGET_KEYS = (
+    "name", "requests", "window", "time_zone", "key", "routes", "mode", "cost_header",
+    "max_cost", "store",
 )  # fmt: skip
 _LIMIT_KEYS = ("name", "rate_per_s", "burst", "key", "routes", "mode", "tier", "tier_map", "tiers")
 _TIER_RE = re.compile(r"claim:[A-Za-z0-9_.:-]+\Z")
@@ -96,7 +101,9 @@ _STORE_KEYS = (
 _LIMIT_KEY_RE = re.compile(
     r"(identity|ip|route|header:[!#$%&'*+\-.^_`|~0-9A-Za-z]+|claim:[A-Za-z0-9_.:-]+)\Z"
 )
-_GATEWAY_KEYS = ("via", "xff_append", "drain_timeout_s", "environment")
+_GATEWAY_KEYS = (
+    "via", "xff_append", "drain_timeout_s", "environment", "state_dir", "max_budget_keys",
+)  # fmt: skip
 _IDENTITY_KEYS = ("realm", "header_prefix", "authorization", "claim_headers", "token_cache_size")
 _ISSUER_KEYS = (
     "issuer", "audiences", "algorithms", "leeway_s", "max_token_bytes", "required_claims",
@@ -431,6 +438,7 @@ class _Builder:
         self.api_key_header = "X-Api-Key"
         self.policies: list[tuple[str, str, PolicyConfig]] = []
         self.rate_limits: list[tuple[str, str, RateLimitConfig]] = []
+        self.budgets: list[tuple[str, str, BudgetConfig]] = []
         # (file, key path, map) of path_map routes: the backends they name must exist.
         self.map_backends: list[tuple[str, str, Any]] = []
         self._seen_files: set[str] = set()  # realpaths of files read
@@ -560,6 +568,10 @@ class _Builder:
         for i, item in enumerate(limits_):
             if item is not None:
                 self._rate_limit(file, f"rate_limits[{i}]", item, base_dir)
+        budgets = _array_of_tables(self, file, "budgets", data.get("budgets", []))
+        for i, item in enumerate(budgets):
+            if item is not None:
+                self._budget(file, f"budgets[{i}]", item)
         policies = _array_of_tables(self, file, "policies", data.get("policies", []))
         for i, item in enumerate(policies):
             if item is not None:
@@ -627,6 +639,23 @@ class _Builder:
                 self.gateway["environment"] = env
             else:
                 r.bad("environment", _bad_name(env))
+        state_dir = r.get_str("state_dir")
+        if state_dir is not None:
+            path = os.path.abspath(os.path.join(base_dir, os.path.expanduser(state_dir)))
+            if not state_dir:
+                r.bad("state_dir", "must not be empty; leave it out to keep state in memory")
+            elif not os.path.isdir(path):
+                r.bad("state_dir", f"not a directory: {path}")
+            elif not os.access(path, os.W_OK | os.X_OK):
+                r.bad("state_dir", f"not writable: {path}")
+            else:
+                self.gateway["state_dir"] = path
+        max_bk = r.get_number("max_budget_keys", ("int", 1, True))
+        if max_bk is not None:
+            if max_bk > 1 << 28:
+                r.bad("max_budget_keys", f"must be at most {1 << 28}, got {max_bk}")
+            else:
+                self.gateway["max_budget_keys"] = max_bk
 
     # -- security: identity, issuers, API keys, policies --
 
@@ -946,6 +975,61 @@ class _Builder:
                     r.bad(k, 'only with type = "redis"')
         if r.ok:
             self.gateway["limits_store"] = LimitsStoreConfig(**kw)
+
+    def _budget(self, file: str, path: str, t: dict[str, Any]) -> None:
+        r = _Reader(self, file, path, t, _BUDGET_KEYS, "")
+        name = r.get_name()
+        requests = r.get_number("requests", ("int", 1, True))
+        if "requests" not in t:
+            r.bad("requests", "missing (required): the units a key may spend per window")
+        elif requests is not None and requests >= 1 << 62:
+            r.bad("requests", f"must be under {1 << 62}, got {requests}")
+        window = r.get_choice("window", ("hour", "day", "month")) or "day"
+        tz = r.get_str("time_zone") or "UTC"
+        if "time_zone" in t and isinstance(t["time_zone"], str):
+            import zoneinfo
+
+            try:
+                zoneinfo.ZoneInfo(tz)
+            except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+                r.bad(
+                    "time_zone",
+                    f'unknown time zone {_q(tz)}; use an IANA name such as "Europe/Berlin" '
+                    'or "UTC"',
+                )
+        key = r.get_str("key") or "identity"
+        if not _LIMIT_KEY_RE.match(key):
+            r.bad(
+                "key", f"must be identity, ip, route, header:<name> or claim:<name>, got {_q(key)}"
+            )
+        routes = _str_list(r, "routes", lambda _v: None)
+        mode = r.get_choice("mode", ("enforce", "shadow")) or "enforce"
+        cost_header = r.get_str("cost_header")
+        if cost_header is not None and not _TOKEN_RE.match(cost_header):
+            r.bad("cost_header", f"must be a header field name, got {_q(cost_header)}")
+        max_cost = r.get_number("max_cost", ("int", 1, True))
+        if max_cost is not None and cost_header is None:
+            r.bad("max_cost", "only with cost_header (without it every request costs 1)")
+        store = r.get_choice("store", ("local", "redis")) or "local"
+        if r.ok and name is not None and requests is not None:
+            self.budgets.append(
+                (
+                    file,
+                    path,
+                    BudgetConfig(
+                        name,
+                        requests,
+                        window,
+                        tz,
+                        key,
+                        tuple(routes),
+                        mode,
+                        cost_header,
+                        max_cost if max_cost is not None else 1000,
+                        store,
+                    ),
+                )
+            )
 
     def _policy(self, file: str, path: str, t: dict[str, Any]) -> None:
         r = _Reader(self, file, path, t, _POLICY_KEYS, "")
@@ -1834,6 +1918,25 @@ class _Builder:
                         f"{path}.routes[{i}]",
                         _unknown_name("route", rname, sorted(n for n in route_names if n)),
                     )
+        seen_bud: set[str] = set()
+        store = self.gateway.get("limits_store")
+        for file, path, bud in self.budgets:
+            if bud.name in seen_bud:
+                self.problem(file, f"{path}.name", f"duplicate budget name {_q(bud.name)}")
+            seen_bud.add(bud.name)
+            if bud.store == "redis" and (store is None or store.type != "redis"):
+                self.problem(
+                    file,
+                    f"{path}.store",
+                    'store = "redis" needs [limits_store] with type = "redis" and an address',
+                )
+            for i, rname in enumerate(bud.routes):
+                if rname not in route_names and not self.unread:
+                    self.problem(
+                        file,
+                        f"{path}.routes[{i}]",
+                        _unknown_name("route", rname, sorted(n for n in route_names if n)),
+                    )
         seen_pol: set[str] = set()
         for file, path, pol in self.policies:
             if pol.name in seen_pol:
@@ -1871,6 +1974,7 @@ class _Builder:
         )
         self.gateway["policies"] = tuple(p for _, _, p in self.policies)
         self.gateway["rate_limits"] = tuple(x for _, _, x in self.rate_limits)
+        self.gateway["budgets"] = tuple(x for _, _, x in self.budgets)
         return GatewayConfig(
             listeners=tuple(i.obj for i in self.listeners),
             backends={i.obj.name: i.obj for i in self.backends},

@@ -441,6 +441,28 @@ class LimitsStoreConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BudgetConfig:
+    """So many requests (or cost units) per key per calendar window (``hour``, ``day``,
+    ``month`` of ``time_zone``) on the routes named (all when none are); ``key`` as for
+    rate limits. Over it: 429 with Retry-After until the window ends, or in ``shadow``
+    mode only counted. ``cost_header``: the request's declared cost (1..``max_cost``;
+    absent: 1). ``store``: "local" (the gateway's table, a file in
+    ``gateway.state_dir`` when set) or "redis" (the ``[limits_store]`` Redis)."""
+
+    name: str
+    requests: int
+    window: str = "day"  # "hour" | "day" | "month"
+    time_zone: str = "UTC"
+    key: str = "identity"
+    routes: tuple[str, ...] = ()
+    mode: str = "enforce"
+    cost_header: str | None = None
+    # 1000 units: a cap on what one request may declare; raise it with the unit's size.
+    max_cost: int = 1000
+    store: str = "local"
+
+
+@dataclass(frozen=True, slots=True)
 class GatewayConfig:
     listeners: tuple[ListenerConfig, ...]
     backends: dict[str, BackendConfig] = field(default_factory=dict)
@@ -462,6 +484,14 @@ class GatewayConfig:
     # first, which loses nothing. 1M keys take about 80 MB.
     max_limit_keys: int = 1_000_000
     limits_store: LimitsStoreConfig = field(default_factory=LimitsStoreConfig)
+    budgets: tuple[BudgetConfig, ...] = ()
+    # Where state that outlives the process is kept (budgets.bin); None: in memory only,
+    # so budgets start over at a restart.
+    state_dir: str | None = None
+    # Budget counters kept (one per key per budget; a file of 64 bytes each, plus a
+    # 4-byte lock per 8): 100k keys is 6.5 MB. Past it, counters of past windows go
+    # first, then the least recently used.
+    max_budget_keys: int = 100_000
     # Which environment's policies apply ("dev", "prod", ...); FASTGW_ENV overrides it.
     environment: str = "default"
     source: str = "<objects>"  # the file it was loaded from, for messages

@@ -187,6 +187,17 @@ def test_file_survives_reopen(tmp_path: Path) -> None:
     assert os.stat(p).st_mode & 0o777 == 0o600
 
 
+def test_two_tables_on_one_file_in_one_process(tmp_path: Path) -> None:
+    p = str(tmp_path / "budgets.bin")
+    a = BudgetTable(1000, p)
+    assert a.spend(b"k", 1, 1, 3) == 2
+    b = BudgetTable(1000, p)  # opens while the first still maps the file
+    assert b.loaded
+    assert b.spend(b"k", 1, 1, 3) == 1
+    assert a.spend(b"k", 1, 1, 3) == 0
+    assert b.spend(b"k", 1, 1, 3) == -1
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
