@@ -9,7 +9,8 @@ Python and core work fastgw adds to each proxied request.
 Instruction counts are the stable figure on a shared machine: compare before/after a
 hot-path change with them (``--audit`` adds the audit log to the config, ``--apikey`` an
 API key on every request (the identity is established), ``--limit`` that and a
-per-identity rate limit taken on every request, ``--tiered`` the same limit with tiers).
+per-identity rate limit taken on every request, ``--tiered`` the same limit with tiers,
+``--budget`` a per-identity day budget spent on every request, with its response fields).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import trio
 from fastgw.config.model import (
     AuditConfig,
     BackendConfig,
+    BudgetConfig,
     Endpoint,
     GatewayConfig,
     LimitTier,
@@ -84,7 +86,11 @@ class _Upstream(_Client):
 
 
 def config(
-    audit: bool, limit: bool = False, apikey: bool = False, tiered: bool = False
+    audit: bool,
+    limit: bool = False,
+    apikey: bool = False,
+    tiered: bool = False,
+    budget: bool = False,
 ) -> GatewayConfig:
     ep = Endpoint(url="http://127.0.0.1:9", scheme="http", host="127.0.0.1", port=9, path_prefix="")
     cfg = GatewayConfig(
@@ -94,7 +100,7 @@ def config(
     )
     if audit:
         cfg = dataclasses.replace(cfg, audit=AuditConfig(enabled=True, path="/dev/null"))
-    if apikey or limit or tiered:
+    if apikey or limit or tiered or budget:
         keys = ApiKeys([ApiKey("bench", hash_api_key(API_KEY), {"plan": "pro"})])
         ident = dataclasses.replace(cfg.identity, api_keys=keys)
         cfg = dataclasses.replace(cfg, identity=ident)
@@ -107,13 +113,21 @@ def config(
             name="per-caller", rate_per_s=0.0, burst=0.0, tier="claim:plan", tiers=(pro,)
         )
         cfg = dataclasses.replace(cfg, rate_limits=(lim,))
+    if budget:
+        bud = BudgetConfig(name="daily", requests=10**15, window="day", key="identity")
+        cfg = dataclasses.replace(cfg, budgets=(bud,))
     return cfg
 
 
 async def run(
-    n: int, audit: bool, limit: bool = False, apikey: bool = False, tiered: bool = False
+    n: int,
+    audit: bool,
+    limit: bool = False,
+    apikey: bool = False,
+    tiered: bool = False,
+    budget: bool = False,
 ) -> float:
-    gw = Gateway(config(audit, limit, apikey, tiered))
+    gw = Gateway(config(audit, limit, apikey, tiered, budget))
     gw.now = trio.current_time()
     gw.clock = trio.lowlevel.current_clock()
     gw.limit_now = gw.clock.current_time  # as serve() binds it for a private table
@@ -122,7 +136,7 @@ async def run(
     conn.idle_since = gw.now
     conn.exchanges = 1
     pool._idle.append(conn)
-    req = REQ_KEY if apikey or limit or tiered else REQ
+    req = REQ_KEY if apikey or limit or tiered or budget else REQ
     d = Downstream(gw, _Client(n, req), b"127.0.0.1", b"http")  # type: ignore[arg-type]
     with trio.CancelScope() as scope:
         d.scope = scope
@@ -142,6 +156,7 @@ def main() -> None:
         "--limit" in sys.argv,
         "--apikey" in sys.argv,
         "--tiered" in sys.argv,
+        "--budget" in sys.argv,
     )
     print(f"{per * 1e6:.2f} us per request ({n} requests, no I/O)")
 

@@ -99,8 +99,8 @@ class RouteBudget:
     """One budget as it applies on one route, with its current window cached."""
 
     __slots__ = (
-        "counts", "end_s", "keyer", "limit", "name", "policy_field", "shadow", "start_s",
-        "tz", "tz_name", "window", "window_id",
+        "counts", "end_s", "field_prefix", "keyer", "limit", "name", "policy_field", "shadow",
+        "start_s", "tz", "tz_name", "window", "window_id",
     )  # fmt: skip
 
     def __init__(self, cfg: BudgetConfig, counts: list[int]) -> None:
@@ -119,6 +119,7 @@ class RouteBudget:
         self.end_s = -1.0
         self.window_id = 0
         self.policy_field = b""
+        self.field_prefix = b'RateLimit: "%s";r=' % cfg.name.encode()
 
     def advance(self, now_s: float) -> None:
         """Move the cached window to the one holding ``now_s``."""
@@ -133,8 +134,9 @@ class RouteBudget:
         )
 
     def reset_s(self, now_s: float) -> int:
-        """Whole seconds until the window ends (at least 1: Retry-After is whole)."""
-        return max(1, math.ceil(self.end_s - now_s))
+        """Whole seconds until the window ends, rounded up (so at least 1, since
+        ``now_s`` is inside the window)."""
+        return math.ceil(self.end_s - now_s)
 
     def refusal(self, now_s: float) -> Refusal:
         t = self.reset_s(now_s)
@@ -150,10 +152,10 @@ class RouteBudget:
         )
 
     def fields(self, left: int, now_s: float) -> bytes:
-        return self.policy_field + b'RateLimit: "%s";r=%d;t=%d\r\n' % (
-            self.name.encode(),
-            left,
-            self.reset_s(now_s),
+        return (
+            self.policy_field
+            + self.field_prefix
+            + b"%d;t=%d\r\n" % (left, math.ceil(self.end_s - now_s))
         )
 
 
@@ -193,9 +195,32 @@ class RouteBudgets:
     def spend(self, table: BudgetTable, now_s: float, identity: Any, peer_ip: bytes,
               head: Any) -> bytes | Refusal:  # fmt: skip
         """Spend from the local table: the success fields, or the refusal."""
-        cost = self.cost(head)
-        if type(cost) is not int:
-            return cost  # type: ignore[return-value]
+        if self.cost_header:
+            cost = self.cost(head)
+            if type(cost) is not int:
+                return cost  # type: ignore[return-value]
+        else:
+            cost = 1
+        if len(self.items) == 1:
+            # The common case, without the bookkeeping for refunds.
+            b = self.items[0]
+            if not b.start_s <= now_s < b.end_s:
+                b.advance(now_s)
+            left = table.spend(b.keyer.key(identity, peer_ip, head), cost, b.window_id, b.limit)
+            if left < 0:
+                if not b.shadow:
+                    b.counts[1] += 1
+                    return b.refusal(now_s)
+                b.counts[2] += 1
+                return b""
+            b.counts[0] += 1
+            if b.shadow:
+                return b""
+            return (
+                b.policy_field
+                + b.field_prefix
+                + b"%d;t=%d\r\n" % (left, math.ceil(b.end_s - now_s))
+            )
         out = b""
         spent: list[tuple[bytes, int]] | None = None
         for b in self.items:
