@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta
+from math import ceil
 from typing import TYPE_CHECKING, Any, Final
 from zoneinfo import ZoneInfo
 
@@ -99,8 +100,8 @@ class RouteBudget:
     """One budget as it applies on one route, with its current window cached."""
 
     __slots__ = (
-        "counts", "end_s", "field_prefix", "keyer", "limit", "name", "policy_field", "shadow",
-        "start_s", "tz", "tz_name", "window", "window_id",
+        "counts", "end_s", "field_prefix", "fields_head", "keyer", "last_t", "limit", "name",
+        "policy_field", "shadow", "start_s", "t_suffix", "tz", "tz_name", "window", "window_id",
     )  # fmt: skip
 
     def __init__(self, cfg: BudgetConfig, counts: list[int]) -> None:
@@ -120,6 +121,11 @@ class RouteBudget:
         self.window_id = 0
         self.policy_field = b""
         self.field_prefix = b'RateLimit: "%s";r=' % cfg.name.encode()
+        # Both fields up to the remaining count, made per window; and ";t=<s>\r\n",
+        # made when the second changes.
+        self.fields_head = b""
+        self.last_t = -1
+        self.t_suffix = b""
 
     def advance(self, now_s: float) -> None:
         """Move the cached window to the one holding ``now_s``."""
@@ -132,6 +138,7 @@ class RouteBudget:
             self.limit,
             end - start,
         )
+        self.fields_head = self.policy_field + self.field_prefix
 
     def reset_s(self, now_s: float) -> int:
         """Whole seconds until the window ends, rounded up (so at least 1, since
@@ -162,11 +169,12 @@ class RouteBudget:
 class RouteBudgets:
     """The budgets of one route and how a request spends from them."""
 
-    __slots__ = ("cost_header", "items", "max_cost", "shared")
+    __slots__ = ("cost_header", "items", "max_cost", "shared", "single")
 
     def __init__(self, items: tuple[RouteBudget, ...], cost: tuple[bytes, int] | None,
                  shared: bool) -> None:  # fmt: skip
         self.items = items
+        self.single = items[0] if len(items) == 1 else None
         # (lower-cased field name, cap) of the route's first budget that declares one:
         # one cost per request, spent from every budget of the route.
         self.cost_header = cost[0] if cost is not None else b""
@@ -201,9 +209,9 @@ class RouteBudgets:
                 return cost  # type: ignore[return-value]
         else:
             cost = 1
-        if len(self.items) == 1:
+        b = self.single
+        if b is not None:
             # The common case, without the bookkeeping for refunds.
-            b = self.items[0]
             if not b.start_s <= now_s < b.end_s:
                 b.advance(now_s)
             left = table.spend(b.keyer.key(identity, peer_ip, head), cost, b.window_id, b.limit)
@@ -216,11 +224,11 @@ class RouteBudgets:
             b.counts[0] += 1
             if b.shadow:
                 return b""
-            return (
-                b.policy_field
-                + b.field_prefix
-                + b"%d;t=%d\r\n" % (left, math.ceil(b.end_s - now_s))
-            )
+            t = ceil(b.end_s - now_s)
+            if t != b.last_t:
+                b.last_t = t
+                b.t_suffix = b";t=%d\r\n" % t
+            return b.fields_head + b"%d" % left + b.t_suffix
         out = b""
         spent: list[tuple[bytes, int]] | None = None
         for b in self.items:
