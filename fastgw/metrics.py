@@ -308,6 +308,26 @@ class GatewayCollector(Collector):
         if gw.buckets is not None:
             bs = gw.buckets.statistics()
             yield GaugeMetricFamily("fastgw_rate_limit_keys", "Buckets held", value=bs["keys"])
+        if state.budget_counts:
+            bud = CounterMetricFamily(
+                "fastgw_budget_decisions",
+                "Budget decisions: allowed, refused, shadow_refused",
+                labels=["budget", "decision"],
+            )
+            for name, counts in sorted(list(state.budget_counts.items())):
+                for decision, n in zip(
+                    ("allowed", "refused", "shadow_refused"), counts, strict=True
+                ):
+                    bud.add_metric([name, decision], n)
+            yield bud
+        if gw.budget_table is not None:
+            ts = gw.budget_table.statistics()
+            yield GaugeMetricFamily("fastgw_budget_keys", "Budget counters held", value=ts["keys"])
+            yield CounterMetricFamily(
+                "fastgw_budget_evictions",
+                "Budget counters evicted to make room (a current one forgives its spend)",
+                value=ts["evictions"],
+            )
         shared = gw.redis_limits
         if shared is not None:
             rs = shared.statistics()

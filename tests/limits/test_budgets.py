@@ -168,6 +168,14 @@ async def test_n_per_day_then_429_until_midnight_in_the_zone_then_a_new_day(
     r = await c.request(b"GET", b"/api/x", ONE)
     assert r.status == 200 and r.header(b"ratelimit") == b'"daily";r=2;t=86400'
     assert gw.state.budget_counts["daily"] == [5, 2, 0]
+    from prometheus_client import generate_latest
+
+    from fastgw.metrics import make_registry
+
+    text = generate_latest(make_registry(gw)).decode()
+    assert 'fastgw_budget_decisions_total{budget="daily",decision="allowed"} 5.0' in text
+    assert 'fastgw_budget_decisions_total{budget="daily",decision="refused"} 2.0' in text
+    assert "fastgw_budget_keys 2.0" in text
 
 
 async def test_month_window_and_a_dst_day(nursery: trio.Nursery, tmp_path: Path) -> None:
