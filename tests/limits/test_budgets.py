@@ -258,6 +258,39 @@ async def test_a_real_process_restart_keeps_the_budget(
         assert await proc.wait() == 0, proc.output
 
 
+async def test_two_workers_share_one_budget_through_state_dir(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """``--workers 2``: both workers map state_dir/budgets.bin, so a caller gets its
+    budget once, not once per worker."""
+    state = tmp_path / "state"
+    state.mkdir()
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        f'[gateway]\nstate_dir = "{state}"\n'
+        '[[listeners]]\nname = "main"\naddress = "127.0.0.1:0"\n'
+        f'[backends.fn]\nendpoints = ["http://127.0.0.1:{await upstream(nursery)}"]\n'
+        '[[routes]]\nname = "all"\npath_prefix = "/"\nbackend = "fn"\n'
+        '[[budgets]]\nname = "per-ip"\nkey = "ip"\nrequests = 20\nwindow = "month"\n'
+    )
+    p = await FastgwProcess.start(nursery, ["serve", "-c", str(conf), "--workers", "2"])
+    with trio.fail_after(60):
+        port = int((await p.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")).group(1))
+        served_by: dict[bytes, list[int]] = {}
+        for _ in range(50):  # one-request connections: the kernel spreads them
+            c = await Client.open(port)
+            r = await c.request(b"GET", b"/")
+            await c.aclose()
+            rid = r.header(b"x-request-id") or b""
+            served_by.setdefault(rid[:12], []).append(r.status)
+        assert len(served_by) == 2, served_by.keys()
+        statuses = [x for v in served_by.values() for x in v]
+        assert statuses.count(200) == 20 and statuses.count(429) == 30
+        assert all(429 in v for v in served_by.values())  # neither had its own budget
+        p.proc.terminate()
+        assert await p.proc.wait() == 0
+
+
 async def test_a_damaged_state_file_is_reset_and_logged(
     nursery: trio.Nursery, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -443,3 +476,23 @@ async def test_redis_down_falls_back_to_the_local_table(
     assert await statuses(c, 3) == [200, 200, 429]
     stats = gw.redis_budgets().statistics()  # type: ignore[union-attr]
     assert stats["fallbacks"] == 3 and stats["redis_ok"] == 1
+
+
+async def test_redis_down_with_on_failure_closed_refuses(
+    nursery: trio.Nursery, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    store = (
+        f'[limits_store]\ntype = "redis"\naddress = "{redis_server.address}"\n'
+        'on_failure = "closed"\n'
+    )
+    conf = write(tmp_path, await upstream(nursery), budget(5, extra='store = "redis"') + store)
+    gw, port = await start(nursery, conf, Wall(at(2026, 11, 26, 10)))
+    assert gw.redis_limits is not None
+    await gw.redis_limits.wait_redis()
+    c = await Client.open(port)
+    redis_server.command("SCRIPT", "FLUSH")  # the first spend finds no script: EVAL
+    assert await statuses(c, 1) == [200]
+    redis_server.kill()
+    r = await c.request(b"GET", b"/api/x", ONE)
+    assert (r.status, r.header(b"retry-after")) == (429, b"1")
+    assert r.json()["error"] == "budget_unavailable"
