@@ -21,7 +21,8 @@ every counter (a lowered limit leaves a caller at zero until the next window), a
 ``gateway.state_dir`` the table is a file that survives restarts and that the workers
 of ``--workers N`` share. The key includes the window kind (a budget changed from
 "day" to "month" starts over rather than carrying a day's count into a month). With
-``store = "redis"`` the counters live in Redis instead (fastgw.policy.redis_budgets).
+``store = "redis"`` the counters live in Redis instead (fastgw.policy.redis_budgets);
+a route with any Redis budget spends all of its budgets there, in one round trip.
 
 A request on a route with several budgets spends from each; if an enforced one refuses,
 what the others took is given back, so a refused request spends nothing. Shadow
@@ -38,7 +39,9 @@ be a second vocabulary for the same facts.
 
 Cost. 1 per request, or with ``cost_header`` the request's own declared cost: an
 integer 1..``max_cost`` in that field (absent: 1). A malformed or larger value is
-refused with 400: a cap that silently clamped would let a caller under-declare.
+refused with 400: a cap that silently clamped would let a caller under-declare. One
+cost per request: on a route with several budgets, the first one's ``cost_header`` and
+``max_cost`` apply to all of them.
 """
 
 from __future__ import annotations
