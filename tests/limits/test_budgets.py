@@ -496,3 +496,32 @@ async def test_redis_down_with_on_failure_closed_refuses(
     r = await c.request(b"GET", b"/api/x", ONE)
     assert (r.status, r.header(b"retry-after")) == (429, b"1")
     assert r.json()["error"] == "budget_unavailable"
+
+
+def test_window_is_computed_only_when_the_clock_leaves_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from fastgw._core.budget import BudgetTable
+    from fastgw.config.model import BudgetConfig
+    from fastgw.policy.budgets import RouteBudget, route_budgets
+
+    calls: list[float] = []
+    advance = RouteBudget.advance
+
+    def counted(self: RouteBudget, now_s: float) -> None:
+        calls.append(now_s)
+        advance(self, now_s)
+
+    monkeypatch.setattr(RouteBudget, "advance", counted)
+    rb = route_budgets((BudgetConfig("h", 100, "hour", "Europe/Berlin", key="ip"),), "r", {})
+    assert rb is not None
+    table = BudgetTable(64)
+    t0 = at(2026, 11, 26, 10)
+    for i in range(61):  # one a minute: 60 in 10:00-11:00, one at 11:00
+        assert isinstance(rb.spend(table, t0 + i * 60, None, b"1.2.3.4", None), bytes)
+    assert calls == [t0, t0 + 3600]  # the first request, then the next hour
+    # A clock stepped back (NTP) computes its window again rather than trust the cache;
+    # the counter already counts for 11:00, and an older window id counts into it.
+    out = rb.spend(table, t0 + 30, None, b"1.2.3.4", None)
+    assert calls[-1] == t0 + 30
+    assert isinstance(out, bytes) and b'"h";r=98;' in out
