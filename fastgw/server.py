@@ -23,7 +23,12 @@ from fastgw.config.loader import load_config
 from fastgw.config.model import GatewayConfig
 from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway, bound_urls
-from fastgw.supervisor import WORKER_ENV, worker_overrides, worker_shared_buckets
+from fastgw.supervisor import (
+    SUPERVISOR_PID_ENV,
+    WORKER_ENV,
+    worker_overrides,
+    worker_shared_buckets,
+)
 
 Ready = Callable[[list[tuple[str, int]]], None]
 
@@ -83,7 +88,10 @@ async def serve_until_signalled(
             if ready is not None:
                 ready(addrs)
             if os.environ.get(WORKER_ENV):
-                nursery.start_soon(_exit_with_supervisor, os.getppid())
+                # The supervisor's pid as it said, not os.getppid() here: by now it may
+                # have died (we were already re-parented) and we would wait forever.
+                supervisor = int(os.environ.get(SUPERVISOR_PID_ENV) or os.getppid())
+                nursery.start_soon(_exit_with_supervisor, supervisor)
             async for sig in signals:
                 if sig == signal.SIGHUP:
                     if config_path is None:
@@ -110,7 +118,14 @@ async def _exit_with_supervisor(ppid: int) -> None:
     exits rather than serve on, unsupervised, forever. Checked twice a second."""
     while os.getppid() == ppid:
         await trio.sleep(0.5)
-    print("fastgw: supervisor gone; draining", file=sys.stderr, flush=True)
+    try:
+        print("fastgw: supervisor gone; draining", file=sys.stderr, flush=True)
+    except OSError:
+        # Our stderr is a pipe that only the supervisor read: writes fail with EPIPE,
+        # which would end the drain with BrokenPipeError. Nobody is left to read it.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
     os.kill(os.getpid(), signal.SIGTERM)
 
 

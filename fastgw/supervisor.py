@@ -46,6 +46,8 @@ from fastgw.config.model import GatewayConfig
 
 PORTS_ENV = "FASTGW_WORKER_PORTS"
 WORKER_ENV = "FASTGW_WORKER"
+# The supervisor's pid: a worker whose parent is no longer this process drains and exits.
+SUPERVISOR_PID_ENV = "FASTGW_SUPERVISOR_PID"
 # "<max_keys>:<path>" of the bucket table the workers share (a /proc/self/fd path).
 SHARED_BUCKETS_ENV = "FASTGW_SHARED_BUCKETS"
 # Gauges that each worker reads from the shared table: the group's value, not a part.
@@ -178,6 +180,7 @@ class Supervisor:
         env = dict(os.environ)
         env[PORTS_ENV] = ",".join(f"{n}={p}" for n, p in self.ports.items())
         env[WORKER_ENV] = str(w.index)
+        env[SUPERVISOR_PID_ENV] = str(os.getpid())
         # The same descriptor number in the worker (pass_fds keeps it).
         buckets = f"/proc/self/fd/{self.buckets_fd}"
         env[SHARED_BUCKETS_ENV] = f"{self.config.max_limit_keys}:{buckets}"

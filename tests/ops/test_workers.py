@@ -8,9 +8,11 @@ import signal
 from pathlib import Path
 
 import h11
+import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from fastgw.supervisor import SUPERVISOR_PID_ENV, WORKER_ENV
 from tests.e2e.helpers import Client, FastgwProcess, Upstream
 
 
@@ -143,3 +145,26 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "Z"
+
+
+async def test_a_worker_whose_supervisor_died_before_it_looked_exits(
+    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The supervisor names itself; a worker re-parented before it first checks (the
+    # supervisor was killed right after the worker said it was listening) still sees
+    # that its parent is not the supervisor, instead of taking its new parent for it.
+    up = Upstream()
+    uport = await nursery.start(up.serve)
+    conf = tmp_path / "gateway.toml"
+    conf.write_text(
+        '[[listeners]]\nname = "main"\naddress = "127.0.0.1:0"\n'
+        f'[backends.fn]\nendpoints = ["http://127.0.0.1:{uport}"]\n'
+        '[[routes]]\nname = "all"\npath_prefix = "/"\nbackend = "fn"\n'
+    )
+    monkeypatch.setenv(WORKER_ENV, "0")
+    monkeypatch.setenv(SUPERVISOR_PID_ENV, "1")  # not its parent (this process)
+    p = await FastgwProcess.start(nursery, ["serve", "-c", str(conf)])
+    with trio.fail_after(30):
+        await p.wait_line(r"listening on http://127\.0\.0\.1:(\d+)")
+        await p.wait_line("supervisor gone; draining")
+        assert await p.proc.wait() == 0
