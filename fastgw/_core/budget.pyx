@@ -58,6 +58,7 @@ from libc.stdint cimport INT64_MAX, int64_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
 from fastgw._core.shm cimport fgw_shm_lock, fgw_shm_unlock
+from fastgw._core.siphash cimport fgw_fastrange, fgw_siphash13
 
 import fcntl
 import os
@@ -68,47 +69,6 @@ cdef extern from *:
     #include <string.h>
     #include <sys/mman.h>
     #include <sys/types.h>
-
-    #define FGB_ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
-    #define FGB_SIPROUND do { \\
-        v0 += v1; v1 = FGB_ROTL(v1, 13); v1 ^= v0; v0 = FGB_ROTL(v0, 32); \\
-        v2 += v3; v3 = FGB_ROTL(v3, 16); v3 ^= v2; \\
-        v0 += v3; v3 = FGB_ROTL(v3, 21); v3 ^= v0; \\
-        v2 += v1; v1 = FGB_ROTL(v1, 17); v1 ^= v2; v2 = FGB_ROTL(v2, 32); \\
-    } while (0)
-
-    /* SipHash-1-3, as in bucket.pyx (a static function there, so repeated here). */
-    static uint64_t fgb_siphash13(uint64_t k0, uint64_t k1, const unsigned char *in,
-                                  size_t inlen) {
-        uint64_t v0 = 0x736f6d6570736575ULL ^ k0;
-        uint64_t v1 = 0x646f72616e646f6dULL ^ k1;
-        uint64_t v2 = 0x6c7967656e657261ULL ^ k0;
-        uint64_t v3 = 0x7465646279746573ULL ^ k1;
-        uint64_t b = ((uint64_t)inlen) << 56;
-        const unsigned char *end = in + (inlen & ~(size_t)7);
-        uint64_t m;
-        for (; in != end; in += 8) {
-            memcpy(&m, in, 8);
-            v3 ^= m; FGB_SIPROUND; v0 ^= m;
-        }
-        switch (inlen & 7) {
-            case 7: b |= ((uint64_t)in[6]) << 48; /* fall through */
-            case 6: b |= ((uint64_t)in[5]) << 40; /* fall through */
-            case 5: b |= ((uint64_t)in[4]) << 32; /* fall through */
-            case 4: b |= ((uint64_t)in[3]) << 24; /* fall through */
-            case 3: b |= ((uint64_t)in[2]) << 16; /* fall through */
-            case 2: b |= ((uint64_t)in[1]) << 8;  /* fall through */
-            case 1: b |= ((uint64_t)in[0]); break;
-            case 0: break;
-        }
-        v3 ^= b; FGB_SIPROUND; v0 ^= b;
-        v2 ^= 0xff; FGB_SIPROUND; FGB_SIPROUND; FGB_SIPROUND;
-        return v0 ^ v1 ^ v2 ^ v3;
-    }
-
-    static inline uint64_t fgb_fastrange(uint64_t h, uint64_t n) {
-        return (uint64_t)(((unsigned __int128)h * n) >> 64);
-    }
 
     static inline uint64_t fgb_add(uint64_t *p, uint64_t v) {
         return __atomic_add_fetch(p, v, __ATOMIC_RELAXED);
@@ -132,8 +92,6 @@ cdef extern from *:
         if (p != NULL) munmap(p, nbytes);
     }
     """
-    uint64_t fgb_siphash13(uint64_t k0, uint64_t k1, const unsigned char* data, size_t n) noexcept nogil
-    uint64_t fgb_fastrange(uint64_t h, uint64_t n) noexcept nogil
     uint64_t fgb_add(uint64_t* p, uint64_t v) noexcept nogil
     uint64_t fgb_load(uint64_t* p) noexcept nogil
     void fgb_store16(uint16_t* p, uint16_t v) noexcept nogil
@@ -200,7 +158,7 @@ assert sizeof(Header) == HEADER_BYTES
 
 
 cdef uint64_t _header_check(Header* h) noexcept:
-    return fgb_siphash13(CHECK_K0, CHECK_K1, <const unsigned char*>h, 48)
+    return fgw_siphash13(CHECK_K0, CHECK_K1, <const unsigned char*>h, 48)
 
 
 cdef void _init_header(Header* h, uint64_t nsets, bytes seed):
@@ -400,9 +358,9 @@ cdef class BudgetTable:
             raise ValueError("limit must be >= 0")
         if n > MAX_KEY_BYTES:
             raise ValueError(f"key of {n} bytes: at most {MAX_KEY_BYTES}")
-        h = fgb_siphash13(self.k0, self.k1, k, <size_t>n)
+        h = fgw_siphash13(self.k0, self.k1, k, <size_t>n)
         cmp = self._cmp_bytes(k, n, digest)
-        set_i = fgb_fastrange(h, self.nsets)
+        set_i = fgw_fastrange(h, self.nsets)
         tag = <uint32_t>(h >> 32)
         base = &self.slots[set_i * NWAYS]
         lock = &self.locks[set_i]
@@ -486,9 +444,9 @@ cdef class BudgetTable:
             raise ValueError("cost must be >= 0")
         if n > MAX_KEY_BYTES:
             raise ValueError(f"key of {n} bytes: at most {MAX_KEY_BYTES}")
-        h = fgb_siphash13(self.k0, self.k1, k, <size_t>n)
+        h = fgw_siphash13(self.k0, self.k1, k, <size_t>n)
         cmp = self._cmp_bytes(k, n, digest)
-        set_i = fgb_fastrange(h, self.nsets)
+        set_i = fgw_fastrange(h, self.nsets)
         if self.shared:
             fgw_shm_lock(&self.locks[set_i])
         s = self._find(&self.slots[set_i * NWAYS], <uint32_t>(h >> 32), n, cmp)
@@ -524,8 +482,8 @@ cdef class BudgetTable:
         cdef uint64_t d0, d1
         if n <= INLINE:
             return k
-        d0 = fgb_siphash13(self.k0 ^ DIGEST_X0, self.k1, k, <size_t>n)
-        d1 = fgb_siphash13(self.k0, self.k1 ^ DIGEST_X1, k, <size_t>n)
+        d0 = fgw_siphash13(self.k0 ^ DIGEST_X0, self.k1, k, <size_t>n)
+        d1 = fgw_siphash13(self.k0, self.k1 ^ DIGEST_X1, k, <size_t>n)
         memcpy(digest, &d0, 8)
         memcpy(digest + 8, &d1, 8)
         return digest
@@ -553,9 +511,9 @@ cdef class BudgetTable:
         cdef int64_t spent = 0
         if n > MAX_KEY_BYTES:
             raise ValueError(f"key of {n} bytes: at most {MAX_KEY_BYTES}")
-        h = fgb_siphash13(self.k0, self.k1, k, <size_t>n)
+        h = fgw_siphash13(self.k0, self.k1, k, <size_t>n)
         cmp = self._cmp_bytes(k, n, digest)
-        set_i = fgb_fastrange(h, self.nsets)
+        set_i = fgw_fastrange(h, self.nsets)
         if self.shared:
             fgw_shm_lock(&self.locks[set_i])
         s = self._find(&self.slots[set_i * NWAYS], <uint32_t>(h >> 32), n, cmp)
