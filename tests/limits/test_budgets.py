@@ -19,10 +19,10 @@ import trio
 from fastgw.config import load_config
 from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway
-from fastgw.identity import hash_api_key
 from fastgw.policy.budgets import window_bounds
 from tests.e2e.helpers import Client, FastgwProcess, Upstream
 from tests.limits.conftest import RedisServer
+from tests.limits.support import ONE_TWO, gateway_toml
 
 BERLIN = ZoneInfo("Europe/Berlin")
 ONE = [(b"X-Api-Key", b"key-one")]
@@ -45,34 +45,13 @@ time_zone = "Europe/Berlin"
 """
 
 
+FREE_ROUTE = '[[routes]]\nname = "free"\npath_prefix = "/free"\nbackend = "fn"'
+
+
 def write(tmp_path: Path, uport: int, budgets: str, gateway: str = "", top: str = "") -> Path:
     conf = tmp_path / "gateway.toml"
     conf.write_text(
-        f"""{top}
-[gateway]
-{gateway}
-[[listeners]]
-name = "main"
-address = "127.0.0.1:0"
-[backends.fn]
-endpoints = ["http://127.0.0.1:{uport}"]
-[[routes]]
-name = "api"
-path_prefix = "/api"
-backend = "fn"
-[[routes]]
-name = "free"
-path_prefix = "/free"
-backend = "fn"
-[api_keys]
-[[api_keys.keys]]
-name = "one"
-sha256 = "{hash_api_key(b"key-one")}"
-[[api_keys.keys]]
-name = "two"
-sha256 = "{hash_api_key(b"key-two")}"
-{budgets}
-"""
+        f"{top}\n[gateway]\n{gateway}\n" + gateway_toml(uport, FREE_ROUTE, ONE_TWO, budgets)
     )
     return conf
 

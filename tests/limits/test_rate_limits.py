@@ -10,35 +10,22 @@ from trio.testing import MockClock
 
 from fastgw.config import load_config
 from fastgw.gateway import Gateway
-from fastgw.identity import hash_api_key
 from tests.e2e.helpers import Client, Upstream
+from tests.limits.support import api_keys, gateway_toml
 
 
 def write(tmp_path: Path, uport: int, limits: str, extra_routes: str = "") -> Path:
     conf = tmp_path / "gateway.toml"
     conf.write_text(
-        f"""
-[[listeners]]
-name = "main"
-address = "127.0.0.1:0"
-[backends.fn]
-endpoints = ["http://127.0.0.1:{uport}"]
-[[routes]]
-name = "api"
-path_prefix = "/api"
-backend = "fn"
-{extra_routes}
-[api_keys]
-[[api_keys.keys]]
-name = "one"
-sha256 = "{hash_api_key(b"key-one")}"
-attributes = {{ tier = "free" }}
-[[api_keys.keys]]
-name = "two"
-sha256 = "{hash_api_key(b"key-two")}"
-attributes = {{ tier = "pro" }}
-{limits}
-"""
+        gateway_toml(
+            uport,
+            extra_routes,
+            api_keys(
+                ("one", b"key-one", 'attributes = { tier = "free" }'),
+                ("two", b"key-two", 'attributes = { tier = "pro" }'),
+            ),
+            limits,
+        )
     )
     return conf
 

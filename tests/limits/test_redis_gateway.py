@@ -18,11 +18,11 @@ import trio
 from fastgw.config import load_config
 from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway
-from fastgw.identity import hash_api_key
 from fastgw.policy.redis_limits import RedisBuckets
 from tests.e2e.helpers import Client, Upstream
 
 from .conftest import RedisServer
+from .support import ONE_TWO, gateway_toml
 
 KEY = [(b"X-Api-Key", b"key-one")]
 KEY2 = [(b"X-Api-Key", b"key-two")]
@@ -31,23 +31,8 @@ KEY2 = [(b"X-Api-Key", b"key-two")]
 def write(tmp_path: Path, uport: int, store: str, limits: str = "", name: str = "") -> Path:
     conf = tmp_path / f"gateway{name}.toml"
     conf.write_text(
-        f"""
-[[listeners]]
-name = "main"
-address = "127.0.0.1:0"
-[backends.fn]
-endpoints = ["http://127.0.0.1:{uport}"]
-[[routes]]
-name = "api"
-path_prefix = "/api"
-backend = "fn"
-[api_keys]
-[[api_keys.keys]]
-name = "one"
-sha256 = "{hash_api_key(b"key-one")}"
-[[api_keys.keys]]
-name = "two"
-sha256 = "{hash_api_key(b"key-two")}"
+        gateway_toml(uport, ONE_TWO)
+        + f"""
 [[rate_limits]]
 name = "per-caller"
 routes = ["api"]

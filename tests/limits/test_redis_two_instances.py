@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import trio
 
-from fastgw.identity import hash_api_key
 from tests.e2e.helpers import Client, FastgwProcess, Upstream
 
 from .conftest import RedisServer
+from .support import api_keys, gateway_toml
 
 RATE_PER_S = 100
 BURST = 20
@@ -33,20 +33,8 @@ PACE_PER_S = 50
 def config(tmp_path: Path, uport: int, redis: RedisServer) -> Path:
     conf = tmp_path / "gateway.toml"
     conf.write_text(
-        f"""
-[[listeners]]
-name = "main"
-address = "127.0.0.1:0"
-[backends.fn]
-endpoints = ["http://127.0.0.1:{uport}"]
-[[routes]]
-name = "api"
-path_prefix = "/"
-backend = "fn"
-[api_keys]
-[[api_keys.keys]]
-name = "agent"
-sha256 = "{hash_api_key(b"agent-key")}"
+        gateway_toml(uport, api_keys(("agent", b"agent-key")), path_prefix="/")
+        + f"""
 [[rate_limits]]
 name = "per-caller"
 key = "identity"

@@ -18,9 +18,9 @@ from trio.testing import MockClock
 from fastgw.config import load_config
 from fastgw.errors import ConfigError
 from fastgw.gateway import Gateway
-from fastgw.identity import hash_api_key
 from tests.e2e.helpers import Client, Upstream
 from tests.identity.support import IdP, public_jwk
+from tests.limits.support import api_keys, gateway_toml
 
 AUD = "api://tiers"
 
@@ -38,20 +38,7 @@ def token(key: rsa.RSAPrivateKey, iss: str, sub: str, **claims: Any) -> bytes:
 
 def write(tmp_path: Path, uport: int, body: str) -> Path:
     conf = tmp_path / "gateway.toml"
-    conf.write_text(
-        f"""
-[[listeners]]
-name = "main"
-address = "127.0.0.1:0"
-[backends.fn]
-endpoints = ["http://127.0.0.1:{uport}"]
-[[routes]]
-name = "api"
-path_prefix = "/api"
-backend = "fn"
-{body}
-"""
-    )
+    conf.write_text(gateway_toml(uport, body))
     return conf
 
 
@@ -118,20 +105,11 @@ burst = 5
 
 # -- API key attributes and a map file -------------------------------------------------
 
-KEYS = f"""
-[api_keys]
-[[api_keys.keys]]
-name = "one"
-sha256 = "{hash_api_key(b"key-one")}"
-attributes = {{ team = "billing" }}
-[[api_keys.keys]]
-name = "two"
-sha256 = "{hash_api_key(b"key-two")}"
-attributes = {{ team = "search" }}
-[[api_keys.keys]]
-name = "three"
-sha256 = "{hash_api_key(b"key-three")}"
-"""
+KEYS = api_keys(
+    ("one", b"key-one", 'attributes = { team = "billing" }'),
+    ("two", b"key-two", 'attributes = { team = "search" }'),
+    ("three", b"key-three"),
+)
 
 TIERED = """
 [[rate_limits]]
