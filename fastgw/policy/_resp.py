@@ -414,6 +414,27 @@ class RespClient:
         t = self.timeout_s if timeout_s is None else timeout_s
         return await self._roundtrip(conn, payload, n, t)
 
+    async def eval_cached(
+        self, script: bytes, sha1: bytes, keys_and_args: Sequence[bytes], timeout_s: float
+    ) -> tuple[Reply, bool]:
+        """Run a Lua script by EVALSHA; when Redis answers NOSCRIPT (its cache was
+        flushed, or it restarted), by EVAL, which caches it again; both within one
+        ``timeout_s``. ``keys_and_args``: numkeys, the keys, the arguments. The reply
+        (an error reply as a RespError) and whether NOSCRIPT came. Raises as
+        ``call_encoded``."""
+        deadline = trio.current_time() + timeout_s
+        (reply,) = await self.call_encoded(
+            encode_command((b"EVALSHA", sha1, *keys_and_args)), 1, timeout_s
+        )
+        if not (isinstance(reply, RespError) and reply.kind == "NOSCRIPT"):
+            return reply, False
+        (reply,) = await self.call_encoded(
+            encode_command((b"EVAL", script, *keys_and_args)),
+            1,
+            max(0.0, deadline - trio.current_time()),
+        )
+        return reply, True
+
     async def _roundtrip(
         self, conn: _Connection, payload: bytes, n: int, timeout_s: float
     ) -> list[Reply]:

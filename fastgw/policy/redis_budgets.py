@@ -27,15 +27,11 @@ import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
-import trio
-
 from fastgw.policy._resp import (
     RedisNotConnected,
     RedisTimeout,
     RedisUnavailable,
     RespClient,
-    RespError,
-    encode_command,
 )
 
 if TYPE_CHECKING:
@@ -119,21 +115,10 @@ class RedisBudgets:
         for key, window, limit, shadow in spends:
             keys.append(self.prefix + key + b"@%d" % window)
             argv += (b"%d" % limit, b"%d" % (window + EXPIRY_SLACK_S), b"1" if shadow else b"0")
-        numkeys = b"%d" % len(keys)
-        client = self.client
-        deadline = trio.current_time() + self.timeout_s
         try:
-            (reply,) = await client.call_encoded(
-                encode_command((b"EVALSHA", LUA_SPEND_SHA1, numkeys, *keys, *argv)),
-                1,
-                self.timeout_s,
+            reply, _ = await self.client.eval_cached(
+                LUA_SPEND, LUA_SPEND_SHA1, (b"%d" % len(keys), *keys, *argv), self.timeout_s
             )
-            if isinstance(reply, RespError) and reply.kind == "NOSCRIPT":
-                (reply,) = await client.call_encoded(
-                    encode_command((b"EVAL", LUA_SPEND, numkeys, *keys, *argv)),
-                    1,
-                    max(0.0, deadline - trio.current_time()),
-                )
         except (RedisTimeout, RedisNotConnected, RedisUnavailable):
             reply = None
         if (

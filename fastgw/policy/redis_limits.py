@@ -83,7 +83,6 @@ from fastgw.policy._resp import (
     RedisUnavailable,
     RespClient,
     RespError,
-    encode_command,
 )
 
 ON_FAILURE: Final = ("local", "open", "closed")
@@ -485,22 +484,11 @@ class RedisBuckets:
                 pol.tau_b,
                 b"1" if stop is not None and stop[i] else b"0",
             )
-        numkeys = b"%d" % len(keys)
-        client = self.client
-        deadline = trio.current_time() + self.timeout_s
         try:
-            (reply,) = await client.call_encoded(
-                encode_command((b"EVALSHA", LUA_GCRA_SHA1, numkeys, *keys, *argv)),
-                1,
-                self.timeout_s,
+            reply, noscript = await self.client.eval_cached(
+                LUA_GCRA, LUA_GCRA_SHA1, (b"%d" % len(keys), *keys, *argv), self.timeout_s
             )
-            if isinstance(reply, RespError) and reply.kind == "NOSCRIPT":
-                self._n_noscript += 1
-                (reply,) = await client.call_encoded(
-                    encode_command((b"EVAL", LUA_GCRA, numkeys, *keys, *argv)),
-                    1,
-                    max(0.0, deadline - trio.current_time()),
-                )
+            self._n_noscript += noscript
         except RedisTimeout:
             self._n_timeouts += 1
             return None
