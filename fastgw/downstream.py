@@ -175,6 +175,16 @@ def _header_lines(headers: tuple[tuple[bytes, bytes], ...]) -> bytes:
     return b"".join(k + b": " + v + b"\r\n" for k, v in headers)
 
 
+def _connect_answer(e: UpstreamConnectError) -> tuple[int, str, str]:
+    """(status, code, detail) for a connect that failed: 503 when no connection became
+    free in time (the pool's cap), 504 when connecting timed out, 502 otherwise."""
+    if e.saturated:
+        return 503, "upstream_saturated", "no connection to the function became available in time"
+    if e.timeout:
+        return 504, "upstream_connect_timeout", "connecting to the function timed out"
+    return 502, "upstream_unreachable", "could not connect to the function endpoint"
+
+
 def _moved_authorization(head) -> bytes | None:  # type: ignore[no-untyped-def]
     value = head.get(b"authorization")
     return None if value is None else b"X-Forwarded-Authorization: " + value + b"\r\n"
@@ -1059,15 +1069,7 @@ class Downstream:
                         self._move_slot(pool, alt)
                         first, pool = again, alt
                         continue
-                if e.saturated:
-                    status, code = 503, "upstream_saturated"
-                    detail = "no connection to the function became available in time"
-                elif e.timeout:
-                    status, code = 504, "upstream_connect_timeout"
-                    detail = "connecting to the function timed out"
-                else:
-                    status, code = 502, "upstream_unreachable"
-                    detail = "could not connect to the function endpoint"
+                status, code, detail = _connect_answer(e)
                 gw.count_error(code)
                 await self.send_error(status, code, detail, rid, close=not keep)
                 return None
@@ -1176,15 +1178,7 @@ class Downstream:
                     first = alt_first
                     pool = alt
                     continue
-                if err.saturated:
-                    status, code = 503, "upstream_saturated"
-                    detail = "no connection to the function became available in time"
-                elif err.timeout:
-                    status, code = 504, "upstream_connect_timeout"
-                    detail = "connecting to the function timed out"
-                else:
-                    status, code = 502, "upstream_unreachable"
-                    detail = "could not connect to the function endpoint"
+                status, code, detail = _connect_answer(err)
                 gw.count_error(code)
                 await self.send_error(status, code, detail, rid, close=not keep)
                 return None
