@@ -14,37 +14,14 @@ nothing else on network or protocol trouble; anything else escaping is a bug.
 from __future__ import annotations
 
 import ssl
-from urllib.parse import urlsplit
 
-from fastgw._fetch import FetchError, Response, fetch, is_loopback
+# Key URLs follow the credential sources' rule: https, or http to a loopback host.
+from fastgw._fetch import FetchError, Response, fetch
+from fastgw._fetch import check_url as check_fetch_url
 
 __all__ = ["FetchError", "Response", "check_fetch_url", "http_get", "make_ssl_context"]
 
 USER_AGENT = "fastgw-jwks/1"
-
-
-def check_fetch_url(url: str) -> str | None:
-    """None when ``url`` is fit to fetch keys from; otherwise what is wrong with it."""
-    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in url):
-        return "URL contains whitespace or control characters"
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as e:
-        return f"not a valid URL: {e}"
-    if parts.scheme not in ("https", "http"):
-        return "URL scheme must be https"
-    if not parts.hostname:
-        return "URL has no host"
-    if "@" in parts.netloc:
-        return "URL must not contain user info (user:password@)"
-    if parts.fragment or url.endswith("#"):
-        return "URL must not have a fragment (#...)"
-    if port == 0:
-        return "URL port must be 1-65535"
-    if parts.scheme == "http" and not is_loopback(parts.hostname):
-        return "URL scheme must be https (http:// is allowed only for loopback hosts)"
-    return None
 
 
 def make_ssl_context(ca_file: str | None) -> ssl.SSLContext:
