@@ -290,6 +290,12 @@ def make_config(
     )
 
 
+def worker_of(request_id: bytes) -> bytes:
+    """Which gateway process answered: each process's request ids share a random
+    12-hex prefix."""
+    return request_id[:12]
+
+
 async def _kill(proc: trio.Process) -> None:
     proc.kill()
 

@@ -12,11 +12,7 @@ from pathlib import Path
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.helpers import Client, FastgwProcess, Upstream
-
-
-def worker_of(rid: bytes) -> bytes:
-    return rid[:12]  # each process's request ids share a random 12-hex prefix
+from tests.e2e.helpers import Client, FastgwProcess, Upstream, worker_of
 
 
 async def test_two_workers_share_one_bucket_per_caller(

@@ -13,7 +13,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from fastgw.supervisor import SUPERVISOR_PID_ENV, WORKER_ENV
-from tests.e2e.helpers import Client, FastgwProcess, Upstream
+from tests.e2e.helpers import Client, FastgwProcess, Upstream, worker_of
 
 
 def children(pid: int) -> set[int]:
@@ -22,10 +22,6 @@ def children(pid: int) -> set[int]:
         text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
         out.update(int(x) for x in text.split())
     return out
-
-
-def worker_of(resp_rid: bytes) -> bytes:
-    return resp_rid[:12]  # each process's request ids share a random 12-hex prefix
 
 
 async def test_two_workers_share_load_and_survive_a_kill(
