@@ -65,6 +65,20 @@ WARM_CONNS_PER_S = 400
 # The identity targets: an API key on every request (wrk -H), and its hash in config.
 API_KEY = "bench-key-0123456789abcdef0123456789abcdef"
 IDENTITY_TARGETS = ("fastgw-key", "fastgw-limit", "fastgw-redis")
+# Every HAProxy reference (here and bench/e2e_auth.py): one thread, like one fastgw
+# worker; connections to the upstream kept (http-reuse always); the frontend follows.
+HAPROXY_COMMON = """  nbthread 1
+  maxconn 4000
+  tune.pool-low-fd-ratio 90
+  tune.pool-high-fd-ratio 95
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend f
+"""
 
 
 @dataclass
@@ -228,18 +242,7 @@ def haproxy_conf(d: Path, port: int, up_port: int, tls: bool, certs: dict[str, s
     conf = d / "haproxy.cfg"
     conf.write_text(
         f"""global
-  nbthread 1
-  maxconn 4000
-  tune.pool-low-fd-ratio 90
-  tune.pool-high-fd-ratio 95
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend f
-  bind 127.0.0.1:{port}
+{HAPROXY_COMMON}  bind 127.0.0.1:{port}
   option forwardfor
   unique-id-format %{{+X}}o%ci%cp%rt
   unique-id-header X-Request-Id

@@ -38,6 +38,7 @@ from bench.e2e import (
     _LAT,
     CPU_LOAD,
     CPU_PROXY,
+    HAPROXY_COMMON,
     HERE,
     RESULTS_DIR,
     check_alive,
@@ -176,18 +177,7 @@ def haproxy_conf(d: Path, port: int, up_port: int, key_file: Path, hp_map: Path)
     conf = d / "auth-haproxy.cfg"
     conf.write_text(
         f"""global
-  nbthread 1
-  maxconn 4000
-  tune.pool-low-fd-ratio 90
-  tune.pool-high-fd-ratio 95
-defaults
-  mode http
-  timeout connect 5s
-  timeout client 60s
-  timeout server 60s
-  http-reuse always
-frontend f
-  bind 127.0.0.1:{port}
+{HAPROXY_COMMON}  bind 127.0.0.1:{port}
   option forwardfor
   http-request set-var(txn.bearer) http_auth_bearer
   http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
