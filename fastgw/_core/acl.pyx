@@ -363,6 +363,19 @@ cdef inline int32_t _child(_Trie t, int32_t node, uint8_t b) noexcept nogil:
     return -1
 
 
+cdef inline int32_t _advance(_Trie t, int32_t state, uint8_t b) noexcept nogil:
+    """The Aho-Corasick automaton's next state from ``state`` on byte ``b``: the child
+    on ``b``, else the same asked of the failure links, down to the root."""
+    cdef int32_t x
+    while True:
+        x = _child(t, state, b)
+        if x >= 0:
+            return x
+        if state == 0:
+            return 0
+        state = t.nodes[state].fail
+
+
 cdef inline Py_ssize_t _step(_Trie t, int32_t* node, const uint8_t* q, Py_ssize_t pos,
                              Py_ssize_t n, const uint8_t* tab) noexcept nogil:
     """Follow one edge of a compressed trie from ``node`` reading ``q[pos:]``: the new
@@ -454,19 +467,9 @@ cdef int32_t _scan_sub(_Trie t, const uint8_t* q, Py_ssize_t n,
                        const uint8_t* tab) noexcept nogil:
     cdef int32_t state = 0
     cdef int32_t best = t.nodes[0].out
-    cdef int32_t x
     cdef Py_ssize_t i
-    cdef uint8_t b
     for i in range(n):
-        b = tab[q[i]]
-        while True:
-            x = _child(t, state, b)
-            if x >= 0:
-                state = x
-                break
-            if state == 0:
-                break
-            state = t.nodes[state].fail
+        state = _advance(t, state, tab[q[i]])
         if t.nodes[state].out < best:
             best = t.nodes[state].out
     return -1 if best == INT32_MAX else best
@@ -875,21 +878,12 @@ cdef class _RegSet:
         cdef _Vec cands = _Vec()
         cdef int32_t state = 0, x, o
         cdef Py_ssize_t i, j, a, nc
-        cdef uint8_t b
         if icase:
             tab = LOWER
         # 1. Literals that occur in the key.
         if t.n > 1:
             for i in range(n):
-                b = tab[q[i]]
-                while True:
-                    x = _child(t, state, b)
-                    if x >= 0:
-                        state = x
-                        break
-                    if state == 0:
-                        break
-                    state = t.nodes[state].fail
+                state = _advance(t, state, tab[q[i]])
                 o = state if t.nodes[state].term >= 0 else t.nodes[state].out
                 while o > 0:
                     hits.push(t.nodes[o].term)
